@@ -1,0 +1,149 @@
+// CPU implementations of fused_opt::adam_, rmsprop_ and sgd_ (schemas in fused_opt/ops.py):
+// check everything, advance the step counters, cut the tensors into chunks, then hand over to
+// the kernels of the best CPU capability.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "fused_opt/checks.h"
+#include "launch.h"
+
+namespace fused_opt::cpu {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Elements per unit of work handed to a thread: big enough to amortise the hand-out, small enough
+// that many small tensors and a few huge ones spread evenly.
+constexpr int64_t kChunk = 1 << 15;
+
+bool use_avx2() {
+  static const bool yes = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");  // torch's own override
+    if (forced && std::strcmp(forced, "default") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
+
+// Adds one to each step counter and returns the new values (the step this update performs).
+std::vector<double> advance_steps(at::TensorList steps) {
+  std::vector<double> out;
+  out.reserve(steps.size());
+  for (const at::Tensor& s : steps) {
+    TORCH_CHECK(s.device().is_cpu(), "fused_opt: CPU step counters expected, got one on ", s.device());
+    if (s.scalar_type() == at::kFloat) {
+      out.push_back(*s.data_ptr<float>() += 1.0f);
+    } else {
+      out.push_back(*s.data_ptr<double>() += 1.0);
+    }
+  }
+  return out;
+}
+
+// Returns nullopt when found_inf says this step must be skipped.
+std::optional<Launch> make_launch(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
+                                  double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                                  const OptTensor& found_inf) {
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return std::nullopt;
+  Launch launch;
+  launch.dtype = params.empty() ? at::kFloat : params[0].scalar_type();
+  launch.lr = lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
+  if (grad_scale.has_value()) launch.inv_grad_scale = 1.0 / grad_scale->item<double>();
+  launch.tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TensorJob job{};
+    job.ptr[0] = params[i].data_ptr();
+    job.ptr[1] = grads[i].data_ptr();
+    int slot = 2;
+    for (at::TensorList list : states) {
+      job.ptr[slot++] = list.empty() ? nullptr : list[i].data_ptr();
+    }
+    job.numel = params[i].numel();
+    for (int64_t b = 0; b < job.numel; b += kChunk) {
+      launch.chunks.push_back({static_cast<int32_t>(i), b, std::min(job.numel, b + kChunk)});
+    }
+    launch.total_numel += job.numel;
+    launch.tensors.push_back(job);
+  }
+  return launch;
+}
+
+void check_device(const char* op, at::TensorList params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu(), op, ": params[", i, "] is on ", params[i].device(), ", expected cpu");
+  }
+}
+
+void check_scalars(const char* op, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  check_scalar_tensor(op, "lr_tensor", lr_tensor);
+  check_scalar_tensor(op, "grad_scale", grad_scale);
+  check_scalar_tensor(op, "found_inf", found_inf);
+}
+
+void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+              at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+              double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, double l1,
+              bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const char* op = "fused_opt::adam_";
+  check_group(op, params, grads,
+              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+              {"state_steps", state_steps, true});
+  check_device(op, params);
+  check_scalars(op, lr_tensor, grad_scale, found_inf);
+  auto launch = make_launch(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, lr, lr_tensor, grad_scale, found_inf);
+  if (!launch) return;
+  const std::vector<double> steps = advance_steps(state_steps);
+  for (size_t i = 0; i < steps.size(); ++i) launch->tensors[i].step = steps[i];
+  const AdamOptions o{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}};
+  use_avx2() ? AVX2::adam(*launch, o) : DEFAULT::adam(*launch, o);
+}
+
+void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
+                 at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
+                 double weight_decay, double momentum, bool centered, bool maximize, double l1, bool l1_proximal,
+                 const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const char* op = "fused_opt::rmsprop_";
+  check_group(op, params, grads,
+              {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
+               {"momentum_buffers", momentum_buffers, momentum > 0.0}},
+              {"state_steps", state_steps, true});
+  check_device(op, params);
+  check_scalars(op, lr_tensor, grad_scale, found_inf);
+  auto launch = make_launch(params, grads, {square_avgs, grad_avgs, momentum_buffers}, lr, lr_tensor, grad_scale, found_inf);
+  if (!launch) return;
+  advance_steps(state_steps);
+  const RMSpropOptions o{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}};
+  use_avx2() ? AVX2::rmsprop(*launch, o) : DEFAULT::rmsprop(*launch, o);
+}
+
+void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+             double weight_decay, double momentum, double dampening, bool nesterov, bool maximize, bool first_step,
+             double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+             const OptTensor& found_inf) {
+  const char* op = "fused_opt::sgd_";
+  check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}}, {"state_steps", {}, false});
+  check_device(op, params);
+  check_scalars(op, lr_tensor, grad_scale, found_inf);
+  auto launch = make_launch(params, grads, {momentum_buffers}, lr, lr_tensor, grad_scale, found_inf);
+  if (!launch) return;
+  const SGDOptions o{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}};
+  use_avx2() ? AVX2::sgd(*launch, o) : DEFAULT::sgd(*launch, o);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CPU, m) {
+  m.impl("adam_", &adam_cpu);
+  m.impl("rmsprop_", &rmsprop_cpu);
+  m.impl("sgd_", &sgd_cpu);
+}
+
+}  // namespace fused_opt::cpu

@@ -1,0 +1,84 @@
+// Every check a multi-tensor op makes before it writes anything (host code, shared by the CPU and
+// CUDA ops). The Python layer already hands over conforming lists; these checks are the kernels'
+// own guard for anyone calling torch.ops.fused_opt.* directly.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+
+namespace fused_opt {
+
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+  bool used;  // an unused list (e.g. max_exp_avg_sqs without amsgrad) must be empty
+};
+
+// Same element order in memory: equal sizes, and equal strides wherever a dimension has more
+// than one element.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+inline void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] must be a dense tensor, got layout ", t.layout());
+  TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but its param is on ", p.device());
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+              " but its param has dtype ", p.scalar_type());
+  TORCH_CHECK(same_layout(t, p), op, ": ", name, "[", i, "] has shape ", t.sizes(), " and strides ", t.strides(),
+              " but its param has shape ", p.sizes(), " and strides ", p.strides());
+}
+
+// Checks list lengths, then each param (one device and dtype for the whole call, dense memory)
+// and each grad/state tensor against its param, then the step counters.
+inline void check_group(const char* op, at::TensorList params, at::TensorList grads,
+                        std::initializer_list<NamedList> states, const NamedList& steps) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, op, ": expected ", n, " grads (one per param), got ", grads.size());
+  for (const NamedList& s : states) {
+    const size_t want = s.used ? n : 0;
+    TORCH_CHECK(s.tensors.size() == want, op, ": expected ", want, " tensors in ", s.name, ", got ", s.tensors.size());
+  }
+  TORCH_CHECK(steps.tensors.size() == (steps.used ? n : 0), op, ": expected ", (steps.used ? n : 0),
+              " tensors in ", steps.name, ", got ", steps.tensors.size());
+  if (n == 0) return;
+  const at::Tensor& first = params[0];
+  TORCH_CHECK(first.defined(), op, ": params[0] is undefined");
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": params must be float32, float64, float16 or bfloat16, got ", dtype);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] must be a dense tensor, got layout ", p.layout());
+    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == dtype, op, ": params[", i, "] is ", p.scalar_type(),
+                " on ", p.device(), " but params[0] is ", dtype, " on ", first.device(),
+                "; call once per (device, dtype) group");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
+                "] must be non-overlapping and dense (e.g. contiguous); got strides ", p.strides());
+    check_like_param(op, "grads", i, grads[i], p);
+    for (const NamedList& s : states) {
+      if (s.used) check_like_param(op, s.name, i, s.tensors[i], p);
+    }
+    if (steps.used) {
+      const at::Tensor& s = steps.tensors[i];
+      TORCH_CHECK(s.defined() && s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                  op, ": ", steps.name, "[", i, "] must be a one-element float32 or float64 tensor");
+    }
+  }
+}
+
+inline void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t) {
+  if (t.has_value()) {
+    TORCH_CHECK(t->defined() && t->numel() == 1, op, ": ", name, " must be a one-element tensor");
+  }
+}
+
+}  // namespace fused_opt

@@ -1,0 +1,105 @@
+"""Backend choice: the one place that decides which kernels run a (device, dtype) group.
+
+Each backend states what it can do as data (device types, dtypes, and a check for whether it is
+usable at all on this machine). "auto" takes the first usable backend in priority order; the
+environment variable FUSED_OPT_BACKEND replaces "auto" (for CI and benchmarks). Asking for a
+backend that cannot run raises an error that gives every backend's reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import ops, reference
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -v ."
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _extension_reason(module: str) -> str | None:
+    reason = ops.load_extensions()[module]
+    return None if reason is None else f"the compiled extension {module} is not available ({reason}); {REBUILD_HINT}"
+
+
+def _triton_reason() -> str | None:
+    return "the Triton kernels are not part of this release yet"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    unavailable: Callable[[], str | None]  # why it cannot run on this machine at all, or None
+    kernel: Callable[[str], Callable]  # family ("adam", "rmsprop", "sgd") -> in-place op
+
+    def reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this backend cannot update params of this device and dtype (None: it can)."""
+        if device.type not in self.device_types:
+            return f"runs on {'/'.join(self.device_types)} tensors, not {device.type}"
+        if dtype not in self.dtypes:
+            return f"does not support dtype {dtype}"
+        return self.unavailable()
+
+
+# In priority order for "auto".
+BACKENDS = (
+    Backend("cuda", ("cuda",), _FLOATS, lambda: _extension_reason("fused_opt._C_cuda"), ops.op),
+    Backend("triton", ("cuda",), _FLOATS, _triton_reason, ops.op),
+    Backend("cpu", ("cpu",), _FLOATS, lambda: _extension_reason("fused_opt._C"), ops.op),
+    Backend("reference", ("cpu", "cuda", "xpu", "mps", "meta"), _FLOATS, lambda: None,
+            lambda family: getattr(reference, family + "_")),
+)
+_BY_NAME = {b.name: b for b in BACKENDS}
+
+
+def check_backend_name(name: str) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"Invalid backend: {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def _requested(name: str) -> str:
+    if name == "auto":
+        name = os.environ.get("FUSED_OPT_BACKEND", "auto") or "auto"
+        check_backend_name(name)
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    candidates = BACKENDS if name == "auto" else (_BY_NAME[name],)
+    reasons = {}
+    for backend in candidates:
+        why = backend.reason(device, dtype)
+        if why is None:
+            if name == "auto" and backend.name == "reference" and device.type in ("cpu", "cuda"):
+                compiled = "cpu" if device.type == "cpu" else "cuda"
+                warnings.warn(f"fused_opt: using the slow pure-PyTorch reference for {device.type} {dtype} params: "
+                              f"{_BY_NAME[compiled].reason(device, dtype)}", RuntimeWarning, stacklevel=4)
+            return backend
+        reasons[backend.name] = why
+    if name != "auto":  # say what every backend would have done, to help pick another
+        for backend in BACKENDS:
+            reasons.setdefault(backend.name, backend.reason(device, dtype) or "available")
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise RuntimeError(f"fused_opt: backend {name!r} cannot update {dtype} params on {device}. {detail}")
+
+
+def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that will update params of this device and dtype when `name` is asked for."""
+    check_backend_name(name)
+    if dtype.is_complex:  # updated as real views (see functional.py)
+        dtype = dtype.to_real()
+    return _select(_requested(name), torch.device(device), dtype)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Backend name -> None if usable on this machine, else why not."""
+    return {b.name: b.unavailable() for b in BACKENDS}

@@ -1,0 +1,166 @@
+"""Functional API: lists of tensors in, in-place update, one op call per (device, dtype) group.
+
+Mirrors torch.optim's functional signatures (torch.optim.adam.adam etc.) plus `l1`, `l1_mode`
+and `backend`. This layer groups tensors, makes odd ones fit the kernels (complex params as real
+views; params or grads whose memory is not dense or not laid out alike go through contiguous
+copies that are written back), picks the backend (dispatch.py) and calls its op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+L1_MODES = ("subgradient", "proximal")
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory in some dimension order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense_alike(p: Tensor, others) -> bool:
+    """Can one flat loop walk p and the others together (dense, same element order)?"""
+    if p.is_contiguous() and all(t.is_contiguous() for t in others):
+        return True
+    if not _is_dense(p):
+        return False
+    return all(t.shape == p.shape and all(s == q for s, q, n in zip(t.stride(), p.stride(), p.shape) if n > 1)
+               for t in others)
+
+
+class _Group:
+    """One (device, dtype) group's lists, made fit for a kernel, and what to copy back after."""
+
+    def __init__(self, lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool], indices: list[int]):
+        self.lists = [[] if len(lst) == 0 else [lst[i] for i in indices] for lst in lists]
+        self.write_back: list[tuple[Tensor, Tensor]] = []
+        tensor_lists = [k for k, lst in enumerate(self.lists) if lst and k < len(mutable)]
+        for j in range(len(indices)):
+            row = [self.lists[k][j] for k in tensor_lists]
+            if row[0].is_complex():
+                row = [torch.view_as_real(t) for t in row]
+            if not _dense_alike(row[0], row[1:]):
+                fixed = [t.contiguous() for t in row]
+                self.write_back += [(orig, tmp) for orig, tmp, k in zip(row, fixed, tensor_lists)
+                                    if mutable[k] and tmp is not orig]
+                row = fixed
+            for k, t in zip(tensor_lists, row):
+                self.lists[k][j] = t
+
+    def finish(self) -> None:
+        for orig, tmp in self.write_back:
+            orig.copy_(tmp)
+
+
+def _groups(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        out.setdefault((p.device, p.dtype), []).append(i)
+    return out
+
+
+def _check_lengths(family: str, names: Sequence[str], lists: Sequence[Sequence], required: Sequence[bool]) -> None:
+    """Each list holds one tensor per param; an optional one (e.g. amsgrad's) may also be empty."""
+    n = len(lists[0])
+    for name, lst, req in zip(names, lists, required):
+        if len(lst) != n and (req or len(lst) != 0):
+            raise ValueError(f"fused_opt.functional.{family}: expected {n} tensors in {name}, got {len(lst)}")
+
+
+def _lr_kwargs(lr, device: torch.device) -> dict:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr.device != device and lr.device.type != "cpu":
+            lr = lr.to(device)
+        return {"lr": 0.0, "lr_tensor": lr}
+    return {"lr": float(lr)}
+
+
+def _l1_kwargs(l1: float, l1_mode: str) -> dict:
+    if l1_mode not in L1_MODES:
+        raise ValueError(f"Invalid l1_mode: {l1_mode!r}; expected 'subgradient' or 'proximal'")
+    return {"l1": float(l1), "l1_proximal": l1_mode == "proximal"}
+
+
+def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, grad_scale, found_inf) -> None:
+    """Calls the family's op once per (device, dtype) group of params."""
+    for (device, dtype), indices in _groups(lists[0]).items():
+        kernel = dispatch.select(backend, device, dtype).kernel(family)
+        group = _Group(lists, mutable, indices)
+        kernel(*group.lists, **kwargs, **_lr_kwargs(lr, device), grad_scale=grad_scale, found_inf=found_inf)
+        group.finish()
+
+
+def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+         max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, amsgrad: bool, beta1: float, beta2: float,
+         lr: float | Tensor, weight_decay: float, eps: float, maximize: bool, decoupled_weight_decay: bool = False,
+         l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
+         found_inf: Tensor | None = None, backend: str = "auto") -> None:
+    """Adam/AdamW step on lists of tensors (torch.optim.adam.adam's arguments, plus L1 and backend)."""
+    names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    _check_lengths("adam", names, lists, (True, True, True, True, amsgrad, True))
+    kwargs = dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
+                  amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                  **_l1_kwargs(l1, l1_mode))
+    # state_steps are one-element counters: exempt from the layout fix-up (mutable list is 5 long).
+    _run("adam", names, lists, (True, False, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
+
+
+def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
+            momentum_buffer_list: list[Tensor], state_steps: list[Tensor], *, lr: float | Tensor, alpha: float,
+            eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool, l1: float = 0.0,
+            l1_mode: str = "subgradient", grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+            backend: str = "auto") -> None:
+    """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, plus L1 and backend)."""
+    names = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffer_list", "state_steps")
+    lists = (params, grads, square_avgs, grad_avgs if centered else [],
+             momentum_buffer_list if momentum > 0 else [], state_steps)
+    _check_lengths("rmsprop", names, lists, (True, True, True, centered, momentum > 0, True))
+    kwargs = dict(alpha=float(alpha), eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum),
+                  centered=centered, maximize=maximize, **_l1_kwargs(l1, l1_mode))
+    _run("rmsprop", names, lists, (True, False, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
+
+
+def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list[Tensor | None], *,
+        lr: float | Tensor, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+        l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None, backend: str = "auto") -> None:
+    """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, plus L1 and backend).
+
+    As in torch, a None momentum buffer is created from the first gradient; the new buffers are
+    put into `momentum_buffer_list`.
+    """
+    names = ("params", "d_p_list", "momentum_buffer_list")
+    _check_lengths("sgd", names, (params, d_p_list, momentum_buffer_list), (True, True, momentum != 0))
+    kwargs = dict(weight_decay=float(weight_decay), momentum=float(momentum), dampening=float(dampening),
+                  nesterov=nesterov, maximize=maximize, **_l1_kwargs(l1, l1_mode))
+    mutable = (True, False, True)
+    if momentum == 0:
+        _run("sgd", names, (params, d_p_list, []), mutable, dict(kwargs, first_step=False), lr, backend,
+             grad_scale, found_inf)
+        return
+    fresh = [i for i, b in enumerate(momentum_buffer_list) if b is None]
+    new_buffers = {i: torch.empty_like(params[i], memory_format=torch.preserve_format) for i in fresh}
+    for first_step, idx in ((False, [i for i, b in enumerate(momentum_buffer_list) if b is not None]), (True, fresh)):
+        if idx:
+            bufs = [new_buffers[i] if first_step else momentum_buffer_list[i] for i in idx]
+            _run("sgd", names, ([params[i] for i in idx], [d_p_list[i] for i in idx], bufs), mutable,
+                 dict(kwargs, first_step=first_step), lr, backend, grad_scale, found_inf)
+    skipped = found_inf is not None and bool(found_inf)
+    for i, buf in new_buffers.items():
+        if not skipped:
+            momentum_buffer_list[i] = buf

@@ -1,0 +1,72 @@
+"""The fused_opt operators: one in-place multi-tensor op per algorithm family.
+
+Schemas and fake (meta) implementations live here, in Python, so the package imports and
+`torch.compile` traces without any compiled code. The C++ extension only registers kernels for
+these schemas (csrc/cpu/ops_cpu.cpp for CPU, csrc/cuda/ops_cuda.cu for CUDA); importing it is
+what `load_extensions` does. Each op checks its inputs, advances the step counters it owns, and
+updates params and state in one pass; `found_inf` set means nothing is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_SCALARS = "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None"
+
+SCHEMAS = {
+    "adam_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, "
+        "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+        f"float l1, bool l1_proximal, {_SCALARS}) -> ()"
+    ),
+    "rmsprop_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
+        "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, *, float lr, float alpha, float eps, "
+        "float weight_decay, float momentum, bool centered, bool maximize, float l1, bool l1_proximal, "
+        f"{_SCALARS}) -> ()"
+    ),
+    "sgd_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, float lr, "
+        "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
+        f"bool first_step, float l1, bool l1_proximal, {_SCALARS}) -> ()"
+    ),
+}
+
+_lib = torch.library.Library("fused_opt", "DEF")  # noqa: TOR901 - schemas are defined once, here
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def _fake(*args, **kwargs) -> None:
+    # Every op only mutates its inputs in place: nothing to allocate, nothing to return.
+    return None
+
+
+for _name in SCHEMAS:
+    torch.library.register_fake(f"fused_opt::{_name}", _fake, lib=_lib)
+
+# Extension module -> why it could not be loaded (None once loaded).
+EXTENSIONS = {"fused_opt._C": "not loaded yet", "fused_opt._C_cuda": "not loaded yet"}
+
+
+def load_extensions() -> dict[str, str | None]:
+    """Imports the compiled kernels (registering them with the ops); returns name -> failure reason."""
+    for module, reason in EXTENSIONS.items():
+        if reason is None:
+            continue
+        try:
+            importlib.import_module(module)
+            EXTENSIONS[module] = None
+        except ImportError as e:  # not built, or built against another torch
+            EXTENSIONS[module] = f"{type(e).__name__}: {e}"
+        except OSError as e:  # e.g. a CUDA library missing at load time
+            EXTENSIONS[module] = f"{type(e).__name__}: {e}"
+    return dict(EXTENSIONS)
+
+
+def op(family: str):
+    """The torch op of an algorithm family ('adam', 'rmsprop' or 'sgd')."""
+    return getattr(torch.ops.fused_opt, family + "_")

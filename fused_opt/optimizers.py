@@ -1,0 +1,257 @@
+"""fused_opt.Adam, AdamW, RMSprop and SGD: drop-in torch.optim optimizers.
+
+Same constructor arguments, defaults, validation messages, param_groups and state_dict as
+torch.optim's, plus three arguments of our own: `l1` (L1 penalty strength), `l1_mode`
+("subgradient" or "proximal") and `backend` ("auto", "cpu", "cuda", "triton", "reference").
+Each step reads every hyperparameter from param_groups, gathers the params that have grads
+(creating torch.optim's state lazily) and makes one fused call per (device, dtype) group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import dispatch, functional
+
+_EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto"}
+
+
+def _check_range(name: str, value, low=0.0, high=None, high_open=True) -> None:
+    """torch.optim's checks and wording: 'Invalid <name>: <value>'. NaN fails every check."""
+    v = float(value)
+    ok = v >= low and (high is None or (v < high if high_open else v <= high))
+    if not ok or math.isnan(v):
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def _check_lr(lr) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    _check_range("learning rate", lr)
+
+
+class FusedOptimizer(Optimizer):
+    """Shared machinery; subclasses set `family` and implement `_gather(group)` and `_update(...)`."""
+
+    family: str
+    # Params in a step are grouped per (device, dtype) and updated by one kernel call each, which
+    # unscales grads by `grad_scale` and skips the step on `found_inf` (GradScaler's protocol).
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, *, l1: float, l1_mode: str, backend: str) -> None:
+        _check_range("l1 value", l1)
+        if l1_mode not in functional.L1_MODES:
+            raise ValueError(f"Invalid l1_mode: {l1_mode!r}; expected 'subgradient' or 'proximal'")
+        dispatch.check_backend_name(backend)
+        if defaults.get("differentiable"):
+            raise RuntimeError(f"fused_opt.{type(self).__name__} does not support differentiable=True: its kernels "
+                               "update params in place, outside autograd; use torch.optim for that")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults.update(l1=l1, l1_mode=l1_mode, backend=backend)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        # Also runs at the end of load_state_dict: a torch.optim state_dict has no l1/backend keys.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in {**self._torch_defaults(), **_EXTRA_DEFAULTS}.items():
+                group.setdefault(key, value)
+
+    @staticmethod
+    def _torch_defaults() -> dict:
+        return {"maximize": False, "foreach": None, "differentiable": False}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_range("l1 value", group["l1"])
+        dispatch.check_backend_name(group["backend"])
+        for p in group["params"]:  # fail now, not at the first step, if no backend can run them
+            dispatch.select(group["backend"], p.device, p.dtype)
+
+    def _new_step(self, p: Tensor, group: dict) -> Tensor:
+        # torch.optim's step counter: a CPU scalar, or on the param's device when capturable/fused.
+        if group.get("capturable") or group.get("fused"):
+            return torch.zeros((), dtype=torch.float32, device=p.device)
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        return torch.tensor(0.0, dtype=dtype)
+
+    def _grads_of(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"fused_opt.{type(self).__name__} does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        for group in self.param_groups:
+            params, grads = self._grads_of(group)
+            if params:
+                common = dict(lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                              l1=group["l1"], l1_mode=group["l1_mode"], backend=group["backend"], **amp)
+                self._update(group, params, grads, common)
+        return loss
+
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], common: dict) -> None:
+        raise NotImplementedError
+
+
+class Adam(FusedOptimizer):
+    """torch.optim.Adam, fused, with optional L1 (`l1`, `l1_mode`) and a `backend` choice."""
+
+    family = "adam"
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, l1: float = 0.0,
+                 l1_mode: str = "subgradient", backend: str = "auto") -> None:
+        _check_lr(lr)
+        _check_range("epsilon value", eps)
+        _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
+        _check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
+        _check_range("weight_decay value", weight_decay)
+        betas = tuple(float(b) for b in betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend)
+
+    @staticmethod
+    def _torch_defaults() -> dict:
+        return {**FusedOptimizer._torch_defaults(), "amsgrad": False, "capturable": False, "fused": None,
+                "decoupled_weight_decay": False}
+
+    def _update(self, group, params, grads, common):
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step(p, group)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                if "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        functional.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad=group["amsgrad"],
+                        beta1=beta1, beta2=beta2, eps=group["eps"],
+                        decoupled_weight_decay=group["decoupled_weight_decay"], **common)
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (Adam with decoupled weight decay, default 1e-2), fused, with optional L1."""
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, l1: float = 0.0, l1_mode: str = "subgradient",
+                 backend: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode, backend=backend)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True  # as torch.optim.AdamW
+
+
+class RMSprop(FusedOptimizer):
+    """torch.optim.RMSprop, fused, with optional L1 (`l1`, `l1_mode`) and a `backend` choice."""
+
+    family = "rmsprop"
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
+                 l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto") -> None:
+        _check_lr(lr)
+        _check_range("epsilon value", eps)
+        _check_range("momentum value", momentum)
+        _check_range("weight_decay value", weight_decay)
+        _check_range("alpha value", alpha)
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                        weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
+                        differentiable=differentiable)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend)
+
+    @staticmethod
+    def _torch_defaults() -> dict:
+        return {**FusedOptimizer._torch_defaults(), "momentum": 0, "centered": False, "capturable": False}
+
+    def _update(self, group, params, grads, common):
+        square_avgs, grad_avgs, momentum_buffers, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step(p, group)
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["momentum"] > 0:
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                momentum_buffers.append(state["momentum_buffer"])
+            if group["centered"]:
+                if "grad_avg" not in state:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                grad_avgs.append(state["grad_avg"])
+            square_avgs.append(state["square_avg"])
+            steps.append(state["step"])
+        functional.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, alpha=group["alpha"],
+                           eps=group["eps"], momentum=group["momentum"], centered=group["centered"], **common)
+
+
+class SGD(FusedOptimizer):
+    """torch.optim.SGD (plain gradient descent when momentum=0), fused, with optional L1 and a `backend`."""
+
+    family = "sgd"
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto") -> None:
+        _check_lr(lr)
+        _check_range("momentum value", momentum)
+        _check_range("weight_decay value", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend)
+
+    @staticmethod
+    def _torch_defaults() -> dict:
+        return {**FusedOptimizer._torch_defaults(), "nesterov": False, "fused": False}
+
+    def _update(self, group, params, grads, common):
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        functional.sgd(params, grads, buffers, momentum=momentum, dampening=group["dampening"],
+                       nesterov=group["nesterov"], **common)
+        for p, buf in zip(params, buffers):
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf

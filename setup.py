@@ -1,0 +1,53 @@
+"""Builds fused_opt's C++ kernels: fused_opt._C (CPU, always) and fused_opt._C_cuda (CUDA, when
+nvcc and a CUDA build of torch are present; FUSED_OPT_CUDA=0|1 forces the choice). Build with
+`pip install --no-build-isolation .` so the extension links against the torch you run."""
+
+import glob
+import os
+import sysconfig
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+NVCC_FLAGS = ["-O3", "-lineinfo",
+              "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("FUSED_OPT_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def include_dirs() -> list:
+    dirs = [os.path.join(ROOT, "csrc", "include")]
+    # Headers of the CUDA math libraries that torch's headers include, from torch's pip wheels.
+    wheel_headers = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13", "include")
+    if os.path.isdir(wheel_headers):
+        dirs.append(wheel_headers)
+    return dirs
+
+
+def sources(*patterns) -> list:
+    return sorted(os.path.relpath(f, ROOT) for p in patterns for f in glob.glob(os.path.join(ROOT, "csrc", p)))
+
+
+def module_macro(name: str) -> list:
+    return [("FUSED_OPT_MODULE", name)]
+
+
+ext_modules = [
+    cpp_extension.CppExtension(
+        "fused_opt._C", sources("module.cpp", "cpu/*.cpp"), include_dirs=include_dirs(),
+        define_macros=module_macro("_C"), extra_compile_args={"cxx": CXX_FLAGS}),
+]
+if want_cuda():
+    ext_modules.append(cpp_extension.CUDAExtension(
+        "fused_opt._C_cuda", sources("module.cpp", "cuda/*.cu"), include_dirs=include_dirs(),
+        define_macros=module_macro("_C_cuda"), extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})
