@@ -18,7 +18,7 @@ import torch
 
 from . import ops, reference
 
-BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference", "cuda_sim")
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -v ."
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -39,6 +39,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     unavailable: Callable[[], str | None]  # why it cannot run on this machine at all, or None
     kernel: Callable[[str], Callable]  # family ("adam", "rmsprop", "sgd") -> in-place op
+    auto: bool = True  # considered by "auto"
 
     def reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this backend cannot update params of this device and dtype (None: it can)."""
@@ -56,6 +57,9 @@ BACKENDS = (
     Backend("cpu", ("cpu",), _FLOATS, lambda: _extension_reason("fused_opt._C"), ops.op),
     Backend("reference", ("cpu", "cuda", "xpu", "mps", "meta"), _FLOATS, lambda: None,
             lambda family: getattr(reference, family + "_")),
+    # For tests: the CUDA kernels' traversal run block by block on the CPU (slow, never "auto").
+    Backend("cuda_sim", ("cpu",), _FLOATS, lambda: _extension_reason("fused_opt._C"), ops.simulated_cuda_op,
+            auto=False),
 )
 _BY_NAME = {b.name: b for b in BACKENDS}
 
@@ -74,7 +78,7 @@ def _requested(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    candidates = BACKENDS if name == "auto" else (_BY_NAME[name],)
+    candidates = [b for b in BACKENDS if b.auto] if name == "auto" else [_BY_NAME[name]]
     reasons = {}
     for backend in candidates:
         why = backend.reason(device, dtype)

@@ -154,7 +154,7 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
              grad_scale, found_inf)
         return
     fresh = [i for i, b in enumerate(momentum_buffer_list) if b is None]
-    new_buffers = {i: torch.empty_like(params[i], memory_format=torch.preserve_format) for i in fresh}
+    new_buffers = {i: torch.empty_like(d_p_list[i]) for i in fresh}  # torch clones the grad
     for first_step, idx in ((False, [i for i, b in enumerate(momentum_buffer_list) if b is not None]), (True, fresh)):
         if idx:
             bufs = [new_buffers[i] if first_step else momentum_buffer_list[i] for i in idx]

@@ -35,8 +35,12 @@ SCHEMAS = {
     ),
 }
 
+# cuda_sim_<family>_: the same op run by the CUDA kernels' traversal simulated on the CPU
+# (csrc/cpu/cuda_sim.cpp), so tests can check the CUDA code's chunking and index math anywhere.
+SIMULATED = {f"cuda_sim_{name}": schema for name, schema in SCHEMAS.items()}
+
 _lib = torch.library.Library("fused_opt", "DEF")  # noqa: TOR901 - schemas are defined once, here
-for _name, _schema in SCHEMAS.items():
+for _name, _schema in {**SCHEMAS, **SIMULATED}.items():
     _lib.define(_name + _schema)
 
 
@@ -45,7 +49,7 @@ def _fake(*args, **kwargs) -> None:
     return None
 
 
-for _name in SCHEMAS:
+for _name in {**SCHEMAS, **SIMULATED}:
     torch.library.register_fake(f"fused_opt::{_name}", _fake, lib=_lib)
 
 # Extension module -> why it could not be loaded (None once loaded).
@@ -70,3 +74,8 @@ def load_extensions() -> dict[str, str | None]:
 def op(family: str):
     """The torch op of an algorithm family ('adam', 'rmsprop' or 'sgd')."""
     return getattr(torch.ops.fused_opt, family + "_")
+
+
+def simulated_cuda_op(family: str):
+    """The family's op run by the CPU simulation of the CUDA kernels."""
+    return getattr(torch.ops.fused_opt, f"cuda_sim_{family}_")

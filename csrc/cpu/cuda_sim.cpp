@@ -1,0 +1,41 @@
+// Runs the CUDA kernels' traversal (fused_opt/multi_tensor.h) on the CPU: every simulated block
+// and thread executes process_block exactly as the GPU would, one after another. Registered as
+// the CPU kernels of fused_opt::cuda_sim_adam_ etc., the ops behind backend="cuda_sim", so the
+// tests check the chunking, index math and vector-load paths of the CUDA code without a GPU.
+#include <torch/library.h>
+
+#include "fused_opt/mta_ops.h"
+
+namespace fused_opt::mta {
+namespace {
+
+struct SimRunner {
+  struct Guard {
+    explicit Guard(const at::Device&) {}
+  };
+
+  static at::Device check_device(const char* op, at::TensorList params) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      TORCH_CHECK(params[i].device().is_cpu(), op, " (cuda_sim): params[", i, "] must be on cpu");
+    }
+    // Float32 step counters take the device path (read through pointers, like on the GPU).
+    return params[0].device();
+  }
+
+  template <typename scalar_t, typename Family>
+  static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
+    for (int b = 0; b < blocks; ++b) {
+      for (int t = 0; t < kThreads; ++t) process_block<scalar_t>(meta, s, family, b, t, kThreads);
+    }
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CPU, m) {
+  m.impl("cuda_sim_adam_", TORCH_FN(&Ops<SimRunner>::adam));
+  m.impl("cuda_sim_rmsprop_", TORCH_FN(&Ops<SimRunner>::rmsprop));
+  m.impl("cuda_sim_sgd_", TORCH_FN(&Ops<SimRunner>::sgd));
+}
+
+}  // namespace fused_opt::mta

@@ -1,0 +1,41 @@
+// CUDA implementations of fused_opt::adam_, rmsprop_ and sgd_: the shared multi-tensor traversal
+// (fused_opt/multi_tensor.h) launched on the current stream, many tensors per launch.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fused_opt/mta_ops.h"
+
+namespace fused_opt::mta {
+namespace {
+
+template <typename scalar_t, typename Family>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const Meta meta, const Scalars s, const Family family) {
+  process_block<scalar_t>(meta, s, family, blockIdx.x, threadIdx.x, blockDim.x);
+}
+
+struct CudaRunner {
+  using Guard = c10::cuda::CUDAGuard;  // the params' device is current for the whole op
+
+  static at::Device check_device(const char* op, at::TensorList params) {
+    const at::Device device = params[0].device();
+    TORCH_CHECK(device.is_cuda(), op, ": params[0] is on ", device, ", expected a CUDA device");
+    return device;
+  }
+
+  template <typename scalar_t, typename Family>
+  static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
+    multi_tensor_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(meta, s, family);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
+  m.impl("adam_", TORCH_FN(&Ops<CudaRunner>::adam));
+  m.impl("rmsprop_", TORCH_FN(&Ops<CudaRunner>::rmsprop));
+  m.impl("sgd_", TORCH_FN(&Ops<CudaRunner>::sgd));
+}
+
+}  // namespace fused_opt::mta

@@ -1,0 +1,171 @@
+// Host side of the multi-tensor ops (fused_opt::adam_, rmsprop_, sgd_) for a traversal backend:
+// the CUDA kernels (csrc/cuda/ops_cuda.cu) and their CPU simulation (csrc/cpu/cuda_sim.cpp).
+// `Runner` supplies check_device(op, params), a Guard type and launch<scalar_t>(meta, blocks, scalars, family);
+// everything else (checks, step counters, scalar tensors, packing of launches) is shared here.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_sub.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "fused_opt/checks.h"
+#include "fused_opt/multi_tensor.h"
+
+namespace fused_opt::mta {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Keeps alive the float32 copies of scalar tensors that the kernels read.
+struct ScalarTensors {
+  Scalars s{};
+  std::vector<at::Tensor> keep;
+  bool skip = false;  // found_inf known on the host and set
+};
+
+ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                           const OptTensor& found_inf, const at::Device& device) {
+  ScalarTensors out;
+  out.s.lr = lr;
+  out.s.inv_scale_host = 1.0;
+  auto on_device = [&](const at::Tensor& t) -> const float* {
+    at::Tensor f = t.to(device, at::kFloat);
+    out.keep.push_back(f);
+    return f.data_ptr<float>();
+  };
+  if (lr_tensor) {
+    if (lr_tensor->device().is_cpu()) out.s.lr = lr_tensor->item<double>();
+    else out.s.lr_dev = on_device(*lr_tensor);
+  }
+  if (grad_scale) {
+    if (grad_scale->device().is_cpu()) out.s.inv_scale_host = 1.0 / grad_scale->item<double>();
+    else out.s.grad_scale = on_device(*grad_scale);
+  }
+  if (found_inf) {
+    if (found_inf->device().is_cpu()) out.skip = found_inf->item<double>() != 0.0;
+    else out.s.found_inf = on_device(*found_inf);
+  }
+  return out;
+}
+
+// Step counters: on the params' device (float32) they are advanced there by one foreach launch
+// and read by the kernels (no host sync; undone where found_inf is set, as torch's fused Adam
+// does); on the host they are advanced here and their values passed in the launch metadata.
+struct Steps {
+  std::vector<double> host;
+  std::vector<const float*> dev;
+};
+
+inline Steps advance_steps(at::TensorList steps, const at::Device& device, const ScalarTensors& sc,
+                           const OptTensor& found_inf) {
+  Steps out;
+  out.host.assign(steps.size(), 0.0);
+  out.dev.assign(steps.size(), nullptr);
+  if (steps.empty()) return out;
+  if (steps[0].device() == device && steps[0].scalar_type() == at::kFloat) {
+    for (size_t i = 0; i < steps.size(); ++i) {
+      TORCH_CHECK(steps[i].device() == device && steps[i].scalar_type() == at::kFloat,
+                  "fused_opt: state_steps[", i, "] must be float32 on ", device, " like state_steps[0]");
+    }
+    at::_foreach_add_(steps, 1);
+    if (found_inf && !found_inf->device().is_cpu()) {
+      at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), found_inf->to(device, at::kFloat)));
+    }
+    for (size_t i = 0; i < steps.size(); ++i) out.dev[i] = steps[i].data_ptr<float>();
+  } else {
+    if (found_inf && !found_inf->device().is_cpu() && found_inf->item<double>() != 0.0) return out;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      TORCH_CHECK(steps[i].device().is_cpu(), "fused_opt: state_steps[", i, "] must be on cpu or ", device);
+      at::Tensor s = steps[i];
+      out.host[i] = s.scalar_type() == at::kFloat ? double(*s.data_ptr<float>() += 1.0f) : (*s.data_ptr<double>() += 1.0);
+    }
+  }
+  return out;
+}
+
+template <typename Runner, typename Family>
+void run(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
+         const Steps& steps, const ScalarTensors& sc, const Family& family) {
+  struct Describe {
+    at::TensorList params, grads;
+    std::vector<at::TensorList> states;
+    const Steps& steps;
+    int64_t numel(int t) const { return params[t].numel(); }
+    void* addr(int t, int k) const {
+      if (k == 0) return params[t].data_ptr();
+      if (k == 1) return grads[t].data_ptr();
+      const size_t j = size_t(k - 2);
+      return j < states.size() && !states[j].empty() ? states[j][t].data_ptr() : nullptr;
+    }
+    double step_host(int t) const { return steps.host.empty() ? 0.0 : steps.host[t]; }
+    const float* step_dev(int t) const { return steps.dev.empty() ? nullptr : steps.dev[t]; }
+  } d{params, grads, std::vector<at::TensorList>(states), steps};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_opt_mta", [&] {
+    for_each_launch(static_cast<int>(params.size()), d,
+                    [&](const Meta& meta, int blocks) { Runner::template launch<scalar_t>(meta, blocks, sc.s, family); });
+  });
+}
+
+template <typename Runner>
+struct Ops {
+  static void adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+                   double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+                   double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                   const OptTensor& found_inf) {
+    const char* op = "fused_opt::adam_";
+    check_group(op, params, grads,
+                {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
+                 {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+                {"state_steps", state_steps, true});
+    if (params.empty()) return;
+    const at::Device device = Runner::check_device(op, params);
+    typename Runner::Guard guard(device);
+    auto sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
+    if (sc.skip) return;
+    const Steps steps = advance_steps(state_steps, device, sc, found_inf);
+    const AdamFamily family{{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}}};
+    run<Runner>(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, sc, family);
+  }
+
+  static void rmsprop(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                      at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps, double lr,
+                      double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                      double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                      const OptTensor& found_inf) {
+    const char* op = "fused_opt::rmsprop_";
+    check_group(op, params, grads,
+                {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
+                 {"momentum_buffers", momentum_buffers, momentum > 0.0}},
+                {"state_steps", state_steps, true});
+    if (params.empty()) return;
+    const at::Device device = Runner::check_device(op, params);
+    typename Runner::Guard guard(device);
+    auto sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
+    if (sc.skip) return;
+    const Steps steps = advance_steps(state_steps, device, sc, found_inf);
+    const RMSpropFamily family{{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}}};
+    run<Runner>(params, grads, {square_avgs, grad_avgs, momentum_buffers}, steps, sc, family);
+  }
+
+  static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                  double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+                  bool first_step, double l1, bool l1_proximal, const OptTensor& lr_tensor,
+                  const OptTensor& grad_scale, const OptTensor& found_inf) {
+    const char* op = "fused_opt::sgd_";
+    check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}},
+                {"state_steps", {}, false});
+    if (params.empty()) return;
+    const at::Device device = Runner::check_device(op, params);
+    typename Runner::Guard guard(device);
+    auto sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
+    if (sc.skip) return;
+    const SGDFamily family{{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}}};
+    run<Runner>(params, grads, {momentum_buffers}, Steps{}, sc, family);
+  }
+};
+
+}  // namespace fused_opt::mta

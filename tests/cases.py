@@ -1,0 +1,128 @@
+"""The case table behind the parity tests, and the tolerance table.
+
+A case is one optimizer configuration run for STEPS steps on one list of params; its id reads
+like `adam-amsgrad-l1prox-bf16-mixed-cpu`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+import fused_opt
+
+STEPS = 20
+
+# algorithm -> (fused_opt class, torch.optim class, base kwargs, option variants)
+ALGORITHMS = {
+    "adam": (fused_opt.Adam, torch.optim.Adam, {"lr": 1e-2},
+             {"plain": {}, "amsgrad": {"amsgrad": True}, "maximize": {"maximize": True},
+              "decoupled": {"decoupled_weight_decay": True}}),
+    "adamw": (fused_opt.AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.0},
+              {"plain": {}, "amsgrad": {"amsgrad": True, "betas": (0.8, 0.99)}}),
+    "rmsprop": (fused_opt.RMSprop, torch.optim.RMSprop, {"lr": 1e-2},
+                {"plain": {}, "centered": {"centered": True}, "momentum": {"momentum": 0.9},
+                 "centered_momentum_max": {"centered": True, "momentum": 0.5, "maximize": True}}),
+    "sgd": (fused_opt.SGD, torch.optim.SGD, {"lr": 0.1},
+            {"gd": {}, "momentum": {"momentum": 0.9}, "nesterov": {"momentum": 0.9, "nesterov": True},
+             "dampening_max": {"momentum": 0.9, "dampening": 0.3, "maximize": True}}),
+}
+
+# regularisation -> extra kwargs (L2 through torch's weight_decay; L1 is ours)
+REGULARISATION = {
+    "none": {},
+    "l2": {"weight_decay": 0.1},
+    "l1sub": {"l1": 0.01},
+    "l1prox": {"l1": 0.05, "l1_mode": "proximal"},
+    "elastic": {"weight_decay": 0.05, "l1": 0.02, "l1_mode": "proximal"},
+}
+
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}
+
+# (rtol, atol) against torch.optim in the same dtype, and against the float64 reference; atol is
+# scaled by the tensor's largest magnitude (RMSprop's momentum buffers grow to ~30).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float64: (1e-10, 1e-12),
+}
+# For 16-bit params: error against float64 at most this factor times torch's own error ...
+LOW_PRECISION_FACTOR = 2.0
+# ... plus this many units of the dtype's resolution (both errors can be a rounding apart).
+LOW_PRECISION_ULPS = 1.0
+
+
+def make_params(layout: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """Leaf tensors of odd shapes and layouts; 'mixed' covers 0-d, empty, tiny, odd, transposed, sliced."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    if layout == "mixed":
+        return [randn(()).requires_grad_(), randn(0).requires_grad_(), randn(1).requires_grad_(),
+                randn(7).requires_grad_(), randn(4097).requires_grad_(),
+                randn(33, 20).t().requires_grad_(),           # transposed: dense, not contiguous
+                randn(13, 9)[:, ::2].requires_grad_()]        # sliced: not dense
+    n = int(layout[1:])
+    return [randn(n).requires_grad_()]
+
+
+def make_grads(params, step: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+
+
+@dataclass(frozen=True)
+class Case:
+    algo: str
+    option: str
+    reg: str
+    dtype: str
+    layout: str
+    backend: str
+    kwargs: dict = field(hash=False, compare=False, default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.algo}-{self.option}-{self.reg}-{self.dtype}-{self.layout}-{self.backend}"
+
+    @property
+    def fused_cls(self):
+        return ALGORITHMS[self.algo][0]
+
+    @property
+    def torch_cls(self):
+        return ALGORITHMS[self.algo][1]
+
+    @property
+    def has_l1(self) -> bool:
+        return "l1" in self.kwargs
+
+    def torch_kwargs(self) -> dict:
+        return {k: v for k, v in self.kwargs.items() if k not in ("l1", "l1_mode")}
+
+
+def _case(algo, option, reg, dtype, layout, backend) -> Case:
+    base, variants = ALGORITHMS[algo][2], ALGORITHMS[algo][3]
+    kwargs = {**base, **variants[option], **REGULARISATION[reg]}
+    if option == "decoupled" and reg in ("none", "l1sub", "l1prox"):
+        kwargs["weight_decay"] = 0.1  # decoupled decay needs a decay to mean anything
+    return Case(algo, option, reg, dtype, layout, backend, kwargs)
+
+
+def build_cases(backends=("cpu", "reference", "cuda_sim")) -> list[Case]:
+    cases = []
+    for algo, (_, _, _, variants) in ALGORITHMS.items():
+        for option, reg, dtype, backend in itertools.product(variants, REGULARISATION, DTYPES, backends):
+            cases.append(_case(algo, option, reg, dtype, "mixed", backend))
+        # Large odd-sized tensors: several chunks per tensor, SIMD body plus tail.
+        for option, reg, backend in itertools.product(variants, ("none", "elastic"), backends):
+            cases.append(_case(algo, option, reg, "f32", "n278011", backend))
+        for dtype in ("bf16", "f64"):
+            cases.append(_case(algo, "plain" if algo != "sgd" else "momentum", "elastic", dtype, "n278011", "cpu"))
+    return cases
+
+
+CASES = build_cases()
