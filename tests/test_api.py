@@ -1,0 +1,118 @@
+"""Optimizer behaviour users rely on: groups, None grads, closures, hooks, zero_grad, deepcopy,
+add_param_group, named params, complex params, GradScaler."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fused_opt
+
+
+def _pair(algo, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    twin = copy.deepcopy(model)
+    return model, twin
+
+
+def _loss(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 6, generator=g)
+    return model(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("algo", ["Adam", "AdamW", "RMSprop", "SGD"])
+def test_param_groups_none_grads_and_closure(algo):
+    model, twin = _pair(algo)
+    groups = lambda m: [{"params": m[0].parameters(), "lr": 0.05, "weight_decay": 0.1},  # noqa: E731
+                        {"params": m[2].parameters()}]
+    extra = {"momentum": 0.9} if algo in ("SGD", "RMSprop") else {}
+    ours = getattr(fused_opt, algo)(groups(model), lr=0.01, **extra)
+    theirs = getattr(torch.optim, algo)(groups(twin), lr=0.01, foreach=False, **extra)
+    for step in range(6):
+        for m, opt in ((model, ours), (twin, theirs)):
+            def closure(m=m, opt=opt):
+                opt.zero_grad()
+                loss = _loss(m, step)
+                loss.backward()
+                if step % 2:  # a param without grad this step: skipped, as in torch
+                    m[2].bias.grad = None
+                return loss
+            loss = opt.step(closure)
+            assert loss is not None
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(ours.state) == len(theirs.state)
+
+
+def test_hooks_zero_grad_deepcopy_add_param_group():
+    model, _ = _pair("Adam")
+    opt = fused_opt.Adam(model[0].parameters(), lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    _loss(model, 0).backward()
+    opt.step()
+    assert seen == ["pre", "post"]
+    clone = copy.deepcopy(opt)
+    assert clone.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model[0].parameters())
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.5, "l1": 0.1, "l1_mode": "proximal"})
+    assert opt.param_groups[1]["l1"] == 0.1 and opt.param_groups[1]["backend"] == "auto"
+    with pytest.raises(ValueError, match="Invalid l1 value"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "l1": -1.0})
+
+
+def test_named_parameters_in_state_dict():
+    model, twin = _pair("SGD")
+    ours = fused_opt.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    theirs = torch.optim.SGD(twin.named_parameters(), lr=0.1, momentum=0.9)
+    assert ours.state_dict()["param_groups"][0]["param_names"] == theirs.state_dict()["param_groups"][0]["param_names"]
+
+
+@pytest.mark.parametrize("algo", ["Adam", "RMSprop", "SGD"])
+def test_complex_params_like_torch(algo):
+    torch.manual_seed(0)
+    p = torch.randn(7, dtype=torch.complex64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    extra = {"momentum": 0.9} if algo != "Adam" else {}
+    ours = getattr(fused_opt, algo)([p], lr=0.1, **extra)
+    theirs = getattr(torch.optim, algo)([q], lr=0.1, foreach=False, **extra)
+    for _ in range(5):
+        g = torch.randn(7, dtype=torch.complex64)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(p, q)
+
+
+def test_l1_proximal_gives_exact_zeros():
+    p = torch.full((1000,), 0.01, requires_grad=True)
+    opt = fused_opt.SGD([p], lr=0.1, l1=1.0, l1_mode="proximal")
+    p.grad = torch.zeros(1000)
+    opt.step()
+    assert (p == 0).all()
+
+
+@pytest.mark.parametrize("algo", ["Adam", "RMSprop", "SGD"])
+def test_grad_scaler_unscales_inside_the_step(algo):
+    model, twin = _pair(algo)
+    extra = {"momentum": 0.9} if algo != "Adam" else {}
+    ours = getattr(fused_opt, algo)(model.parameters(), lr=0.01, **extra)
+    theirs = getattr(torch.optim, algo)(twin.parameters(), lr=0.01, foreach=False, **extra)
+    s_ours, s_theirs = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(4):
+        for m, opt, scaler in ((model, ours, s_ours), (twin, theirs, s_theirs)):
+            opt.zero_grad()
+            scaler.scale(_loss(m, step)).backward()
+            if step == 2:  # an overflow: both must skip the step and lower the scale
+                next(m.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+    assert s_ours.get_scale() == s_theirs.get_scale() < 1024.0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

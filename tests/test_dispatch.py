@@ -1,0 +1,61 @@
+"""Backend choice: auto, the environment override, the fallback warning, and one call per group."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fused_opt
+from fused_opt import dispatch, ops
+
+
+def test_auto_picks_compiled_cpu_kernels():
+    assert dispatch.select("auto", torch.device("cpu"), torch.float32).name == "cpu"
+    assert dispatch.select("auto", torch.device("cpu"), torch.complex64).name == "cpu"
+
+
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv("FUSED_OPT_BACKEND", "reference")
+    assert dispatch.select("auto", torch.device("cpu"), torch.float32).name == "reference"
+    assert dispatch.select("cpu", torch.device("cpu"), torch.float32).name == "cpu"  # explicit wins
+    monkeypatch.setenv("FUSED_OPT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="Invalid backend: 'nonsense'"):
+        dispatch.select("auto", torch.device("cpu"), torch.float32)
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setitem(ops.EXTENSIONS, "fused_opt._C", "ImportError: simulated")
+    monkeypatch.setattr(ops, "load_extensions", lambda: dict(ops.EXTENSIONS))
+    dispatch._select.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="simulated.*pip install --no-build-isolation"):
+            assert dispatch.select("auto", torch.device("cpu"), torch.float64).name == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert dispatch.select("auto", torch.device("cpu"), torch.float64).name == "reference"
+        with pytest.raises(RuntimeError, match="backend 'cpu' cannot update.*simulated"):
+            dispatch.select("cpu", torch.device("cpu"), torch.float64)
+    finally:
+        dispatch._select.cache_clear()
+
+
+def test_one_op_call_per_device_dtype_group(monkeypatch):
+    calls = []
+    backend = dispatch._BY_NAME["cpu"]
+    monkeypatch.setattr(dispatch, "_BY_NAME", dict(dispatch._BY_NAME))
+    counting = dispatch.Backend(backend.name, backend.device_types, backend.dtypes, backend.unavailable,
+                                lambda family: (lambda *a, **k: (calls.append(len(a[0])), ops.op(family)(*a, **k))))
+    monkeypatch.setitem(dispatch._BY_NAME, "cpu", counting)
+    dispatch._select.cache_clear()
+    try:
+        params = [torch.randn(n, requires_grad=True) for n in (3, 5, 7)] + [torch.randn(4, dtype=torch.float64,
+                                                                                       requires_grad=True)]
+        opt = fused_opt.AdamW(params, backend="cpu")
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert sorted(calls) == [1, 3]
+    finally:
+        dispatch._select.cache_clear()

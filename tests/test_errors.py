@@ -1,0 +1,127 @@
+"""Bad input: torch.optim's exception types and wording; the kernels' own checks leave params and
+state untouched; a NaN in one gradient stays in that parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_opt
+
+INVALID = [
+    ("Adam", {"lr": -1.0}), ("Adam", {"eps": -1e-8}), ("Adam", {"betas": (1.0, 0.999)}),
+    ("Adam", {"betas": (0.9, -0.1)}), ("Adam", {"weight_decay": -0.1}), ("AdamW", {"lr": -0.5}),
+    ("RMSprop", {"alpha": -0.1}), ("RMSprop", {"momentum": -0.1}), ("RMSprop", {"eps": -1.0}),
+    ("SGD", {"lr": -0.1}), ("SGD", {"momentum": -0.5}), ("SGD", {"weight_decay": -1.0}),
+    ("SGD", {"nesterov": True}), ("SGD", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}),
+    ("Adam", {"lr": torch.tensor([0.1, 0.2])}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", INVALID, ids=lambda x: str(x))
+def test_invalid_hyperparameters_match_torch(name, kwargs):
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(Exception) as theirs:
+        getattr(torch.optim, name)(p, **kwargs)
+    with pytest.raises(type(theirs.value)) as ours:
+        getattr(fused_opt, name)(p, **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"l1": -0.1}, "Invalid l1 value: -0.1"),
+    ({"l1": float("nan")}, "Invalid l1 value: nan"),
+    ({"l1_mode": "lasso"}, "Invalid l1_mode: 'lasso'"),
+    ({"backend": "tpu"}, "Invalid backend: 'tpu'"),
+])
+def test_invalid_extensions(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fused_opt.Adam([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+def test_unavailable_backend_lists_every_reason():
+    with pytest.raises(RuntimeError) as e:
+        fused_opt.SGD([torch.zeros(3, requires_grad=True)], backend="cuda")
+    msg = str(e.value)
+    for name in ("cuda", "triton", "cpu", "reference"):
+        assert f"{name}:" in msg
+    assert "runs on cuda tensors, not cpu" in msg
+
+
+def test_sparse_gradients_and_differentiable_are_refused():
+    p = torch.zeros(4, requires_grad=True)
+    opt = fused_opt.Adam([p])
+    p.grad = torch.zeros(4).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="does not support differentiable=True"):
+        fused_opt.SGD([p], differentiable=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_sim"])
+@pytest.mark.parametrize("algo", ["Adam", "RMSprop", "SGD"])
+def test_nan_in_one_gradient_stays_in_that_parameter(algo, backend):
+    kwargs = {"momentum": 0.9} if algo != "Adam" else {}
+    ours_p = [torch.ones(5, requires_grad=True), torch.ones(3, requires_grad=True)]
+    theirs_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours = getattr(fused_opt, algo)(ours_p, lr=0.1, backend=backend, **kwargs)
+    theirs = getattr(torch.optim, algo)(theirs_p, lr=0.1, foreach=False, **kwargs)
+    for ps, opt in ((ours_p, ours), (theirs_p, theirs)):
+        ps[0].grad = torch.tensor([1.0, float("nan"), float("inf"), -1.0, 0.5])
+        ps[1].grad = torch.tensor([0.1, 0.2, 0.3])
+        opt.step()
+    torch.testing.assert_close(ours_p[0], theirs_p[0], equal_nan=True)
+    assert torch.isfinite(ours_p[1]).all()
+    torch.testing.assert_close(ours_p[1], theirs_p[1])
+
+
+def _adam_inputs(n=3, size=10):
+    params = [torch.randn(size) for _ in range(n)]
+    grads = [torch.randn(size) for _ in range(n)]
+    m = [torch.zeros(size) for _ in range(n)]
+    v = [torch.zeros(size) for _ in range(n)]
+    steps = [torch.tensor(0.0) for _ in range(n)]
+    return params, grads, m, v, steps
+
+
+BAD_INPUTS = {
+    "short_grads": lambda p, g, m, v, s: (p, g[:-1], m, v, s),
+    "wrong_state_dtype": lambda p, g, m, v, s: (p, g, m[:-1] + [m[-1].double()], v, s),
+    "wrong_state_numel": lambda p, g, m, v, s: (p, g, m, v[:-1] + [torch.zeros(11)], s),
+    "wrong_grad_shape": lambda p, g, m, v, s: (p, g[:-1] + [g[-1].view(2, 5)], m, v, s),
+    "overlapping_param": lambda p, g, m, v, s: (p[:-1] + [torch.zeros(1).expand(10)], g, m, v, s),
+    "missing_step": lambda p, g, m, v, s: (p, g, m, v, s[:-1]),
+    "step_not_scalar": lambda p, g, m, v, s: (p, g, m, v, s[:-1] + [torch.zeros(2)]),
+    "mixed_dtypes": lambda p, g, m, v, s: (p[:-1] + [p[-1].double()], g[:-1] + [g[-1].double()],
+                                           m[:-1] + [m[-1].double()], v[:-1] + [v[-1].double()], s),
+}
+
+
+@pytest.mark.parametrize("op_name", ["adam_", "cuda_sim_adam_"])
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+def test_kernel_checks_leave_everything_untouched(bad, op_name):
+    inputs = BAD_INPUTS[bad](*_adam_inputs())
+    before = [[t.clone() for t in lst] for lst in inputs]
+    op = getattr(torch.ops.fused_opt, op_name)
+    with pytest.raises(RuntimeError, match="fused_opt::adam_"):
+        op(inputs[0], inputs[1], inputs[2], inputs[3], [], inputs[4], lr=0.1, beta1=0.9, beta2=0.999,
+           weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
+           l1_proximal=False)
+    for lst, saved in zip(inputs, before):
+        for t, s in zip(lst, saved):
+            assert torch.equal(t, s)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_sim"])
+def test_found_inf_skips_everything(backend):
+    params = [torch.randn(40, requires_grad=True)]
+    opt = fused_opt.Adam(params, lr=0.1, backend=backend)
+    params[0].grad = torch.randn(40)
+    opt.step()
+    snapshot = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    p_before = params[0].detach().clone()
+    opt.found_inf, opt.grad_scale = torch.tensor(1.0), torch.tensor(4.0)
+    opt.step()
+    assert torch.equal(params[0], p_before)
+    for k, v in opt.state[params[0]].items():
+        assert torch.equal(v, snapshot[k]), k
