@@ -28,6 +28,10 @@ def _extension_reason(module: str) -> str | None:
     return None if reason is None else f"the compiled extension {module} is not available ({reason}); {REBUILD_HINT}"
 
 
+def _cuda_reason() -> str | None:
+    return _extension_reason("fused_opt._C_cuda") or (None if torch.cuda.is_available() else "no CUDA device is visible")
+
+
 def _triton_reason() -> str | None:
     return "the Triton kernels are not part of this release yet"
 
@@ -52,7 +56,7 @@ class Backend:
 
 # In priority order for "auto".
 BACKENDS = (
-    Backend("cuda", ("cuda",), _FLOATS, lambda: _extension_reason("fused_opt._C_cuda"), ops.op),
+    Backend("cuda", ("cuda",), _FLOATS, _cuda_reason, ops.op),
     Backend("triton", ("cuda",), _FLOATS, _triton_reason, ops.op),
     Backend("cpu", ("cpu",), _FLOATS, lambda: _extension_reason("fused_opt._C"), ops.op),
     Backend("reference", ("cpu", "cuda", "xpu", "mps", "meta"), _FLOATS, lambda: None,

@@ -41,22 +41,30 @@ def _dense_alike(p: Tensor, others) -> bool:
 
 
 class _Group:
-    """One (device, dtype) group's lists, made fit for a kernel, and what to copy back after."""
+    """One (device, dtype) group's lists, made fit for a kernel, and what to copy back after.
 
-    def __init__(self, lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool], indices: list[int]):
-        self.lists = [[] if len(lst) == 0 else [lst[i] for i in indices] for lst in lists]
+    The first `len(mutable)` lists hold one tensor per param (param, grad, states) and must share
+    a dense layout; later lists (step counters) pass through untouched.
+    """
+
+    def __init__(self, lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool], indices: list[int] | None,
+                 dtype: torch.dtype):
+        self.lists = [list(lst) if indices is None or not lst else [lst[i] for i in indices] for lst in lists]
         self.write_back: list[tuple[Tensor, Tensor]] = []
-        tensor_lists = [k for k, lst in enumerate(self.lists) if lst and k < len(mutable)]
-        for j in range(len(indices)):
-            row = [self.lists[k][j] for k in tensor_lists]
-            if row[0].is_complex():
+        slots = [k for k in range(len(mutable)) if self.lists[k]]
+        # Fast path, the usual case: everything contiguous and real.
+        if not dtype.is_complex and all(all(map(Tensor.is_contiguous, self.lists[k])) for k in slots):
+            return
+        for j in range(len(self.lists[0])):
+            row = [self.lists[k][j] for k in slots]
+            if dtype.is_complex:
                 row = [torch.view_as_real(t) for t in row]
             if not _dense_alike(row[0], row[1:]):
                 fixed = [t.contiguous() for t in row]
-                self.write_back += [(orig, tmp) for orig, tmp, k in zip(row, fixed, tensor_lists)
+                self.write_back += [(orig, tmp) for orig, tmp, k in zip(row, fixed, slots)
                                     if mutable[k] and tmp is not orig]
                 row = fixed
-            for k, t in zip(tensor_lists, row):
+            for k, t in zip(slots, row):
                 self.lists[k][j] = t
 
     def finish(self) -> None:
@@ -64,7 +72,15 @@ class _Group:
             orig.copy_(tmp)
 
 
-def _groups(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+def _groups(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int] | None]:
+    """(device, dtype) -> indices of the params in it; None means all of them (the usual case)."""
+    if not params:
+        return {}
+    first = params[0]
+    key0 = (first.get_device(), first.dtype)  # get_device(): an int, much cheaper than .device
+    keys = [(p.get_device(), p.dtype) for p in params]
+    if all(k == key0 for k in keys):
+        return {(first.device, first.dtype): None}
     out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         out.setdefault((p.device, p.dtype), []).append(i)
@@ -99,7 +115,7 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
     """Calls the family's op once per (device, dtype) group of params."""
     for (device, dtype), indices in _groups(lists[0]).items():
         kernel = dispatch.select(backend, device, dtype).kernel(family)
-        group = _Group(lists, mutable, indices)
+        group = _Group(lists, mutable, indices, dtype)
         kernel(*group.lists, **kwargs, **_lr_kwargs(lr, device), grad_scale=grad_scale, found_inf=found_inf)
         group.finish()
 

@@ -84,11 +84,12 @@ class FusedOptimizer(Optimizer):
     def _grads_of(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
         for p in group["params"]:
-            if p.grad is not None:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"fused_opt.{type(self).__name__} does not support sparse gradients")
+            g = p.grad
+            if g is not None:
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(g)
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError(f"fused_opt.{type(self).__name__} does not support sparse gradients")
         return params, grads
 
     @torch.no_grad()
@@ -143,9 +144,10 @@ class Adam(FusedOptimizer):
 
     def _update(self, group, params, grads, common):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        all_state = self.state
         for p in params:
-            state = self.state[p]
-            if len(state) == 0:
+            state = all_state[p]
+            if not state:
                 state["step"] = self._new_step(p, group)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
