@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q --disable-pip-version-check "torch==${FUSED_OPT_TORCH:-2.14.1}" ninja "pytest>=8" expecttest
+"$PY" -m pip install -q --disable-pip-version-check "torch==${FUSED_OPT_TORCH:-2.14.1}" ninja "pytest>=8"
 
 # torch guesses CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper script that execs the
 # real compiler, point CUDA_HOME at the toolkit it execs instead.

@@ -32,6 +32,7 @@ struct Launch {
   std::vector<TensorJob> tensors;
   std::vector<Chunk> chunks;
   int64_t total_numel = 0;
+  int slot_mask = 0;  // bit k set: slot k is in use (its list is not empty)
   double lr = 0.0;
   double inv_grad_scale = 1.0;
 };

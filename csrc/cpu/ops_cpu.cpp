@@ -58,6 +58,12 @@ std::optional<Launch> make_launch(at::TensorList params, at::TensorList grads, s
   launch.lr = lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
   if (grad_scale.has_value()) launch.inv_grad_scale = 1.0 / grad_scale->item<double>();
   launch.tensors.reserve(params.size());
+  launch.slot_mask = 0b11;
+  int bit = 2;
+  for (at::TensorList list : states) {
+    if (!list.empty()) launch.slot_mask |= 1 << bit;
+    ++bit;
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     TensorJob job{};
     job.ptr[0] = params[i].data_ptr();
