@@ -15,8 +15,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -fopenmp: at::parallel_for is a header template that runs in parallel only when compiled with
 # OpenMP (torch's own backend); without it every step would run on one thread.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
-NVCC_FLAGS = ["-O3", "-lineinfo",
-              "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+# GPU architectures: FUSED_OPT_CUDA_ARCHS="80;90" by default (A100, H100/H200).
+ARCHS = os.environ.get("FUSED_OPT_CUDA_ARCHS", "80;90").split(";")
+NVCC_FLAGS = ["-O3", "-lineinfo"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS if a]
 
 
 def want_cuda() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
 import fused_opt
@@ -89,6 +90,17 @@ class Case:
         return f"{self.algo}-{self.option}-{self.reg}-{self.dtype}-{self.layout}-{self.backend}"
 
     @property
+    def device(self) -> str:
+        return "cuda" if self.backend == "cuda" else "cpu"
+
+    @property
+    def marks(self):
+        """GPU cases carry the `cuda` mark and are skipped only when no GPU is present."""
+        if self.device != "cuda":
+            return ()
+        return (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+    @property
     def fused_cls(self):
         return ALGORITHMS[self.algo][0]
 
@@ -125,4 +137,4 @@ def build_cases(backends=("cpu", "reference", "cuda_sim")) -> list[Case]:
     return cases
 
 
-CASES = build_cases()
+CASES = build_cases() + build_cases(backends=("cuda",))

@@ -10,8 +10,8 @@ import fused_opt
 from cases import CASES, LOW_PRECISION_FACTOR, LOW_PRECISION_ULPS, STEPS, TOLERANCES, Case, make_grads, make_params
 
 
-def _clone_params(params, dtype):
-    return [p.detach().to(dtype).clone().requires_grad_() for p in params]
+def _clone_params(params, dtype, device="cpu"):
+    return [p.detach().to(device, dtype).clone().requires_grad_() for p in params]
 
 
 def _state_tensors(opt, params):
@@ -19,13 +19,13 @@ def _state_tensors(opt, params):
     out = []
     for i, p in enumerate(params):
         for key in sorted(opt.state[p]):
-            out.append((f"param{i}.{key}", opt.state[p][key]))
+            out.append((f"param{i}.{key}", opt.state[p][key].cpu()))
     return out
 
 
 def _set_grads(params, grads):
     for p, g in zip(params, grads):
-        p.grad = g.to(p.dtype)
+        p.grad = g.to(p.device, p.dtype)
 
 
 def _max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -39,16 +39,16 @@ def _resolution(dtype, ref: torch.Tensor) -> float:
     return torch.finfo(dtype).eps * max(scale, 1e-3) * LOW_PRECISION_ULPS
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_trajectory(case: Case):
     dtype = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16, "f16": torch.float16}[case.dtype]
     init = make_params(case.layout, torch.float64)
-    ours_p = _clone_params(init, dtype)
+    ours_p = _clone_params(init, dtype, case.device)
     oracle_p = _clone_params(init, torch.float64)
     ours = case.fused_cls(ours_p, backend=case.backend, **case.kwargs)
     oracle = case.fused_cls(oracle_p, backend="reference", **case.kwargs)
     # The yardstick: torch.optim in the same dtype, or (with L1, which torch lacks) our reference.
-    yard_p = _clone_params(init, dtype)
+    yard_p = _clone_params(init, dtype, case.device)
     if case.has_l1:
         yard = case.fused_cls(yard_p, backend="reference", **case.kwargs)
     else:
@@ -66,9 +66,9 @@ def test_trajectory(case: Case):
             _set_grads(params, grads)
             opt.step()
 
-        ours_t = [(f"param{i}", p) for i, p in enumerate(ours_p)] + _state_tensors(ours, ours_p)
+        ours_t = [(f"param{i}", p.cpu()) for i, p in enumerate(ours_p)] + _state_tensors(ours, ours_p)
         oracle_t = [(f"param{i}", p) for i, p in enumerate(oracle_p)] + _state_tensors(oracle, oracle_p)
-        yard_t = [(f"param{i}", p) for i, p in enumerate(yard_p)] + _state_tensors(yard, yard_p)
+        yard_t = [(f"param{i}", p.cpu()) for i, p in enumerate(yard_p)] + _state_tensors(yard, yard_p)
         assert [n for n, _ in ours_t] == [n for n, _ in yard_t] == [n for n, _ in oracle_t], "state keys differ"
         for (name, x), (_, ref), (_, y) in zip(ours_t, oracle_t, yard_t):
             where = f"{case.id} step {step} {name}"

@@ -1,13 +1,15 @@
-"""CPU speed of fused_opt against torch.optim, measured against the memory roofline.
+"""Speed of fused_opt against torch.optim, measured against the memory roofline.
 
-    python -m bench.cpu_roofline            # full: GPT-2-small list (124M params) and 5,000 x 1,000
-    python -m bench.cpu_roofline --quick    # seconds: scaled-down lists, for CI and smoke tests
+    python -m bench.roofline                    # CPU: GPT-2-small list (124M params), 5,000 x 1,000
+    python -m bench.roofline --quick            # seconds: scaled-down lists, for CI and smoke tests
+    python -m bench.roofline --device cuda      # GPU: GPT-2-small, a 1B-param GPT list, 10,000 x 4,096
 
 An optimizer step is memory-bound: its floor is (bytes that must move) / (bandwidth). The
-bandwidth ceiling is measured in the same run with torch's in-place axpy (`a.add_(b, alpha=s)`,
-12 bytes per element) over as many elements as the parameter list. Every provider updates the
-same params and grads, with its own state; times are medians of `--reps` steps after a warm-up.
-Writes bench/results/cpu-<tag>.json and .md (machine, versions, table).
+bandwidth ceiling is measured in the same run: on the CPU torch's in-place axpy
+(`a.add_(b, alpha=s)`, 12 bytes per element) over as many elements as the parameter list, on the
+GPU a large device-to-device copy (8 bytes per element). Every provider updates the same params
+and grads, with its own state; times are medians of `--reps` steps after a warm-up (GPU: CUDA
+events). Writes bench/results/<device>-<tag>.json and .md (machine, versions, table).
 """
 
 from __future__ import annotations
@@ -39,9 +41,23 @@ def gpt2_small_shapes(scale: int = 1) -> list[tuple[int, ...]]:
     return shapes + [(d,), (d,)]
 
 
+def gpt_shapes(d: int, layers: int, vocab: int = 50257, ctx: int = 2048) -> list[tuple[int, ...]]:
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
 PARAM_LISTS = {
-    "gpt2-small": lambda quick: gpt2_small_shapes(8 if quick else 1),
-    "5000x1000": lambda quick: [(1000,)] * (500 if quick else 5000),
+    "cpu": {
+        "gpt2-small": lambda quick: gpt2_small_shapes(8 if quick else 1),
+        "5000x1000": lambda quick: [(1000,)] * (500 if quick else 5000),
+    },
+    "cuda": {
+        "gpt2-small": lambda quick: gpt2_small_shapes(8 if quick else 1),
+        "gpt-1b": lambda quick: gpt_shapes(2048 // (8 if quick else 1), 20),  # 1.11B params
+        "10000x4096": lambda quick: [(4096,)] * (1000 if quick else 10000),
+    },
 }
 
 
@@ -103,23 +119,37 @@ def providers(l1=1e-4, wd=0.01) -> list[Provider]:
     return out
 
 
-def _median_time(fn, reps: int) -> tuple[float, float, float]:
+def _median_time(fn, reps: int, device: str) -> tuple[float, float, float]:
     fn()  # warm-up: creates state
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
 
 
-def axpy_bandwidth(numel: int, reps: int) -> float:
+def ceiling_bandwidth(numel: int, reps: int, device: str) -> float:
+    """Bytes per second of the reference memory-bound operation (see the module docstring)."""
+    if device == "cuda":
+        n = max(numel, 1 << 28)
+        a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+        med, _, _ = _median_time(lambda: b.copy_(a), reps, device)
+        return 8 * n / med
     a, b = torch.randn(numel), torch.randn(numel)
-    med, _, _ = _median_time(lambda: a.add_(b, alpha=1e-3), reps)
+    med, _, _ = _median_time(lambda: a.add_(b, alpha=1e-3), reps, device)
     return 12 * numel / med
 
 
-def machine() -> dict:
+def machine(device: str) -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -129,19 +159,22 @@ def machine() -> dict:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "fused_opt": fused_opt.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "cuda": torch.version.cuda,
             "date": time.strftime("%Y-%m-%d")}
 
 
-def run(quick: bool, reps: int, only: list[str] | None = None) -> dict:
+def run(quick: bool, reps: int, device: str = "cpu", only: list[str] | None = None,
+        lists: list[str] | None = None) -> dict:
     results = []
-    for list_name, shapes_of in PARAM_LISTS.items():
+    for list_name, shapes_of in PARAM_LISTS[device].items():
+        if lists and list_name not in lists:
+            continue
         shapes = shapes_of(quick)
-        g = torch.Generator().manual_seed(0)
-        params = [torch.randn(s, generator=g).mul_(0.02).requires_grad_() for s in shapes]
+        params = [(torch.randn(s, device=device) * 0.02).requires_grad_() for s in shapes]
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
+            p.grad = torch.randn_like(p) * 1e-3
         numel = sum(p.numel() for p in params)
-        ceiling = axpy_bandwidth(numel, reps)
+        ceiling = ceiling_bandwidth(numel, reps, device)
         print(f"{list_name}: {numel:,} params in {len(params)} tensors; axpy ceiling {ceiling / 1e9:.1f} GB/s",
               flush=True)
         for prov in providers():
@@ -149,7 +182,13 @@ def run(quick: bool, reps: int, only: list[str] | None = None) -> dict:
                 continue
             saved = [p.detach().clone() for p in params]
             opt = prov.make(params)
-            med, lo, hi = _median_time(opt.step, reps)
+            if device == "cuda":
+                opt.step()  # creates the state, so the peak below is what a step itself allocates
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            med, lo, hi = _median_time(opt.step, reps, device)
+            extra = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
             del opt
             with torch.no_grad():
                 for p, s in zip(params, saved):
@@ -160,11 +199,12 @@ def run(quick: bool, reps: int, only: list[str] | None = None) -> dict:
             results.append({"params": list_name, "numel": numel, "tensors": len(params), "algorithm": prov.family,
                             "provider": prov.name, "ms": 1e3 * med, "ms_min": 1e3 * lo, "ms_max": 1e3 * hi,
                             "bytes_per_param": prov.bytes_per_param, "gbps": gbps / 1e9,
-                            "fraction_of_ceiling": gbps / ceiling, "ceiling_gbps": ceiling / 1e9})
+                            "fraction_of_ceiling": gbps / ceiling, "ceiling_gbps": ceiling / 1e9,
+                            "extra_peak_mb": None if extra is None else extra / 2**20})
             print(f"  {prov.family:18s} {prov.name:30s} {1e3 * med:9.2f} ms  {gbps / 1e9:6.1f} GB/s  "
                   f"{gbps / ceiling:5.2f} of ceiling", flush=True)
     _add_ratios(results)
-    return {"machine": machine(), "quick": quick, "reps": reps, "results": results}
+    return {"machine": machine(device), "device": device, "quick": quick, "reps": reps, "results": results}
 
 
 def _add_ratios(results: list[dict]) -> None:
@@ -179,7 +219,8 @@ def _add_ratios(results: list[dict]) -> None:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"CPU: {m['cpu']}, {m['threads']} threads ({m['cpu_capability']}); torch {m['torch']}, "
+    where = f"GPU: {m['gpu']} (CUDA {m['cuda']}), host " if report["device"] == "cuda" else ""
+    lines = [f"{where}CPU: {m['cpu']}, {m['threads']} threads ({m['cpu_capability']}); torch {m['torch']}, "
              f"Python {m['python']}, fused_opt {m['fused_opt']}; {m['date']}; median of {report['reps']} steps"
              + (" (quick mode)" if report["quick"] else ""), "",
              "| params | algorithm | provider | ms (min-max) | GB/s | of ceiling | fused_opt / best torch |",
@@ -190,23 +231,28 @@ def markdown(report: dict) -> str:
                      f"{r['ms_max']:.2f}) | {r['gbps']:.1f} | {r['fraction_of_ceiling']:.2f} | "
                      f"{'' if ratio is None else f'{ratio:.2f}'} |")
     ceilings = {r["params"]: r["ceiling_gbps"] for r in report["results"]}
-    lines += ["", "Ceiling (in-place axpy, same run): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in ceilings.items())]
+    kind = "device-to-device copy" if report["device"] == "cuda" else "in-place axpy"
+    lines += ["", f"Ceiling ({kind}, same run): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in ceilings.items())]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="fused_opt CPU roofline benchmark")
+    ap = argparse.ArgumentParser(description="fused_opt roofline benchmark")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quick", action="store_true", help="small lists, a few seconds")
+    ap.add_argument("--lists", nargs="*", help="parameter lists to run, e.g. gpt2-small")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", nargs="*", help="algorithms to run, e.g. Adam RMSprop")
-    ap.add_argument("--tag", default=None, help="results file name: bench/results/cpu-<tag>.json/.md")
+    ap.add_argument("--tag", default=None, help="results file name: <out>/<device>-<tag>.json/.md")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the results files")
     args = ap.parse_args(argv)
     reps = args.reps or (5 if args.quick else 9)
-    report = run(args.quick, reps, args.only)
+    report = run(args.quick, reps, args.device, args.only, args.lists)
     text = markdown(report)
     print("\n" + text)
     if args.tag:
-        base = os.path.join(HERE, "results", f"cpu-{args.tag}")
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, f"{args.device}-{args.tag}")
         with open(base + ".json", "w") as f:
             json.dump(report, f, indent=1)
         with open(base + ".md", "w") as f:

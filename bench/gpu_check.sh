@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool), about 6 minutes: build the CUDA extension with
+# all cores, run the GPU tests (pytest -m cuda), run the GPU roofline benchmark. Everything it
+# produces lands under $OUT (default ./out): build.log, info.txt, tests.log, bench.log and
+# cuda-h200.json/.md. Commit what comes back under bench/results/ with the date, GPU and versions.
+#   usage (device tool):  bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source scripts/cuda_home.sh
+t0=$(date +%s)
+stamp() { echo "[$(($(date +%s) - t0))s] $*" | tee -a "$OUT/summary.txt"; }
+
+stamp "build (CUDA_HOME=${CUDA_HOME:-?}, $(nproc) cores)"
+if ! FUSED_OPT_CUDA=1 FUSED_OPT_CUDA_ARCHS="${FUSED_OPT_CUDA_ARCHS:-90}" MAX_JOBS=$(nproc) \
+    python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  stamp "build failed"; tail -n 40 "$OUT/build.log"; exit 1
+fi
+python3 -m fused_opt.info | tee "$OUT/info.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/info.txt" 2>&1
+
+stamp "GPU tests"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests >"$OUT/tests.log" 2>&1
+stamp "tests rc=$? $(tail -n 1 "$OUT/tests.log")"
+
+stamp "GPU benchmark"
+timeout 200 python3 -m bench.roofline --device cuda --reps 10 --tag h200 --out "$OUT" >"$OUT/bench.log" 2>&1
+stamp "bench rc=$?"
+tail -n 45 "$OUT/bench.log"
