@@ -112,8 +112,25 @@ def _l1_kwargs(l1: float, l1_mode: str) -> dict:
 
 
 def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, grad_scale, found_inf) -> None:
-    """Calls the family's op once per (device, dtype) group of params."""
-    for (device, dtype), indices in _groups(lists[0]).items():
+    """Calls the family's op once per (device, dtype) group of params.
+
+    Fast path, the usual case: one device and dtype, dense tensors laid out alike. The kernels
+    check all of that themselves before writing anything, so the lists go straight to the op;
+    if it refuses them, the slow path groups the params and makes their layouts fit, then calls
+    again (and a real error, such as a grad of the wrong dtype, is raised from there).
+    """
+    params = lists[0]
+    if not params:
+        return
+    first = params[0]
+    if not first.dtype.is_complex:
+        kernel = dispatch.select(backend, first.device, first.dtype).kernel(family)
+        try:
+            kernel(*lists, **kwargs, **_lr_kwargs(lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
+            return
+        except RuntimeError:
+            pass
+    for (device, dtype), indices in _groups(params).items():
         kernel = dispatch.select(backend, device, dtype).kernel(family)
         group = _Group(lists, mutable, indices, dtype)
         kernel(*group.lists, **kwargs, **_lr_kwargs(lr, device), grad_scale=grad_scale, found_inf=found_inf)

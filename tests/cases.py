@@ -132,8 +132,8 @@ def build_cases(backends=("cpu", "reference", "cuda_sim")) -> list[Case]:
         # Large odd-sized tensors: several chunks per tensor, SIMD body plus tail.
         for option, reg, backend in itertools.product(variants, ("none", "elastic"), backends):
             cases.append(_case(algo, option, reg, "f32", "n278011", backend))
-        for dtype in ("bf16", "f64"):
-            cases.append(_case(algo, "plain" if algo != "sgd" else "momentum", "elastic", dtype, "n278011", "cpu"))
+        for dtype, backend in itertools.product(("bf16", "f64"), backends[:1]):
+            cases.append(_case(algo, "plain" if algo != "sgd" else "momentum", "elastic", dtype, "n278011", backend))
     return cases
 
 

@@ -42,11 +42,12 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
 
 
 def test_one_op_call_per_device_dtype_group(monkeypatch):
+    """One successful call per group (a mixed list is first offered whole, refused, then split)."""
     calls = []
     backend = dispatch._BY_NAME["cpu"]
     monkeypatch.setattr(dispatch, "_BY_NAME", dict(dispatch._BY_NAME))
     counting = dispatch.Backend(backend.name, backend.device_types, backend.dtypes, backend.unavailable,
-                                lambda family: (lambda *a, **k: (calls.append(len(a[0])), ops.op(family)(*a, **k))))
+                                lambda family: (lambda *a, **k: (ops.op(family)(*a, **k), calls.append(len(a[0])))))
     monkeypatch.setitem(dispatch._BY_NAME, "cpu", counting)
     dispatch._select.cache_clear()
     try:

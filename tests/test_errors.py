@@ -92,6 +92,7 @@ BAD_INPUTS = {
     "overlapping_param": lambda p, g, m, v, s: (p[:-1] + [torch.zeros(1).expand(10)], g, m, v, s),
     "missing_step": lambda p, g, m, v, s: (p, g, m, v, s[:-1]),
     "step_not_scalar": lambda p, g, m, v, s: (p, g, m, v, s[:-1] + [torch.zeros(2)]),
+    "last_step_int": lambda p, g, m, v, s: (p, g, m, v, s[:-1] + [torch.zeros((), dtype=torch.long)]),
     "mixed_dtypes": lambda p, g, m, v, s: (p[:-1] + [p[-1].double()], g[:-1] + [g[-1].double()],
                                            m[:-1] + [m[-1].double()], v[:-1] + [v[-1].double()], s),
 }

@@ -34,11 +34,11 @@ bool use_avx2() {
 }
 
 // Adds one to each step counter and returns the new values (the step this update performs).
+// (check_step_devices has vouched for every counter, so nothing here can fail half-way.)
 std::vector<double> advance_steps(at::TensorList steps) {
   std::vector<double> out;
   out.reserve(steps.size());
   for (const at::Tensor& s : steps) {
-    TORCH_CHECK(s.device().is_cpu(), "fused_opt: CPU step counters expected, got one on ", s.device());
     if (s.scalar_type() == at::kFloat) {
       out.push_back(*s.data_ptr<float>() += 1.0f);
     } else {
@@ -82,9 +82,12 @@ std::optional<Launch> make_launch(at::TensorList params, at::TensorList grads, s
   return launch;
 }
 
-void check_device(const char* op, at::TensorList params) {
+void check_device(const char* op, at::TensorList params, at::TensorList steps = {}) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].device().is_cpu(), op, ": params[", i, "] is on ", params[i].device(), ", expected cpu");
+  }
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device().is_cpu(), op, ": state_steps[", i, "] is on ", steps[i].device(), ", expected cpu");
   }
 }
 
@@ -102,7 +105,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   check_group(op, params, grads,
               {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
               {"state_steps", state_steps, true});
-  check_device(op, params);
+  check_device(op, params, state_steps);
   check_scalars(op, lr_tensor, grad_scale, found_inf);
   auto launch = make_launch(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
@@ -121,7 +124,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
               {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
                {"momentum_buffers", momentum_buffers, momentum > 0.0}},
               {"state_steps", state_steps, true});
-  check_device(op, params);
+  check_device(op, params, state_steps);
   check_scalars(op, lr_tensor, grad_scale, found_inf);
   auto launch = make_launch(params, grads, {square_avgs, grad_avgs, momentum_buffers}, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;

@@ -76,9 +76,11 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
     }
     for (size_t i = 0; i < steps.size(); ++i) out.dev[i] = steps[i].data_ptr<float>();
   } else {
+    for (size_t i = 0; i < steps.size(); ++i) {  // all checked before any is advanced
+      TORCH_CHECK(steps[i].device().is_cpu(), "fused_opt: state_steps[", i, "] must be on cpu or ", device);
+    }
     if (found_inf && !found_inf->device().is_cpu() && found_inf->item<double>() != 0.0) return out;
     for (size_t i = 0; i < steps.size(); ++i) {
-      TORCH_CHECK(steps[i].device().is_cpu(), "fused_opt: state_steps[", i, "] must be on cpu or ", device);
       at::Tensor s = steps[i];
       out.host[i] = s.scalar_type() == at::kFloat ? double(*s.data_ptr<float>() += 1.0f) : (*s.data_ptr<double>() += 1.0);
     }
