@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (the device tool), about 6 minutes: build the CUDA extension with
 # all cores, run the GPU tests (pytest -m cuda), run the GPU roofline benchmark. Everything it
 # produces lands under $OUT (default ./out): build.log, info.txt, tests.log, bench.log and
-# cuda-h200.json/.md. Commit what comes back under bench/results/ with the date, GPU and versions.
+# cuda-h200.json/.md/.png. Commit what comes back under bench/results/ with the date, GPU and versions.
 #   usage (device tool):  bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests >"$OUT/tests.
 stamp "tests rc=$? $(tail -n 1 "$OUT/tests.log")"
 
 stamp "GPU benchmark"
-timeout 200 python3 -m bench.roofline --device cuda --reps 10 --tag h200 --out "$OUT" >"$OUT/bench.log" 2>&1
+timeout 200 python3 -m fused_opt.cli bench --device cuda --reps 7 --backends cuda --tag h200 --out "$OUT" \
+  >"$OUT/bench.log" 2>&1
 stamp "bench rc=$?"
 tail -n 45 "$OUT/bench.log"

@@ -1,23 +1,37 @@
-"""The benchmark's quick mode runs, and its derived figures are consistent with its timings."""
+"""The benchmark engine (fused_opt.benchmark) in quick mode: its derived figures must agree with
+its own timings, and its outputs (JSON, markdown, PNG) must be written."""
 
 from __future__ import annotations
 
+import json
 import math
 
-from bench import roofline
+from fused_opt import benchmark
 
 
-def test_quick_benchmark_figures_are_consistent():
-    report = roofline.run(quick=True, reps=2, device="cpu", only=["SGD-momentum", "Adam+L1+L2"], lists=["5000x1000"])
+def test_quick_benchmark_figures_are_consistent(tmp_path):
+    report = benchmark.run(device="cpu", quick=True, reps=2, lists=["5000x1000"], algorithms=["SGD-momentum"],
+                           dtypes=("fp32", "bf16"))
     rows = report["results"]
-    assert {r["provider"] for r in rows} == {"torch for-loop", "torch foreach", "torch fused", "fused_opt",
-                                             "torch fused + L1 pass"}
+    assert {r["provider"] for r in rows} == {"torch for-loop", "torch foreach", "torch fused", "fused_opt cpu",
+                                             "fused_opt reference", "torch for-loop + L1 pass",
+                                             "torch foreach + L1 pass", "torch fused + L1 pass"}
     for r in rows:
         assert r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert r["bytes_per_param"] == (20 if r["dtype"] == "fp32" else 10)
         assert math.isclose(r["gbps"], r["bytes_per_param"] * r["numel"] / (r["ms"] / 1e3) / 1e9, rel_tol=1e-9)
         assert math.isclose(r["fraction_of_ceiling"], r["gbps"] / r["ceiling_gbps"], rel_tol=1e-9)
-    for r in (r for r in rows if r["provider"] == "fused_opt"):
-        best = min(o["ms"] for o in rows if o["algorithm"] == r["algorithm"] and o["provider"] != "fused_opt")
+        assert r["extra_peak_mb"] >= 0
+    for r in (r for r in rows if r["provider"].startswith("fused_opt")):
+        best = min(o["ms"] for o in rows if (o["algorithm"], o["dtype"]) == (r["algorithm"], r["dtype"])
+                   and o["provider"].startswith("torch"))
         assert math.isclose(r["ratio_to_best_torch"], r["ms"] / best, rel_tol=1e-9)
-    table = roofline.markdown(report)
-    assert table.count("\n| 5000x1000 |") == len(rows)
+        assert r["extra_peak_mb"] == 0  # the fused step allocates nothing
+    l1_pass = [r for r in rows if r["provider"] == "torch fused + L1 pass" and r["dtype"] == "fp32"]
+    assert l1_pass[0]["extra_peak_mb"] > 0  # torch's extra sign() pass allocates a grad-sized list
+
+    paths = benchmark.save(report, str(tmp_path), "test")
+    assert [p.rsplit(".", 1)[1] for p in paths] == ["json", "md", "png"]
+    assert json.load(open(paths[0]))["results"] == rows
+    assert open(paths[1]).read().count("\n| 5000x1000 |") == len(rows)
+    assert open(paths[2], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

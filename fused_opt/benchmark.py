@@ -1,0 +1,311 @@
+"""Speed of fused_opt against torch.optim, measured against the memory roofline.
+
+    fused-opt bench                       # CPU: GPT-2-small (124M params), 10,000 x 4,096, 5,000 x 1,000
+    fused-opt bench --quick               # seconds: scaled-down lists (what CI runs)
+    fused-opt bench --device cuda         # GPU: adds a 1B-param GPT list
+
+An optimizer step is memory-bound: its floor is (bytes that must move) / (bandwidth). The
+ceiling is measured in the same run: on the CPU torch's in-place axpy (`a.add_(b, alpha=s)`,
+12 bytes per element) over as many elements as the parameter list; on the GPU a large
+device-to-device copy (8 bytes per element). Each provider updates the same params and grads
+with its own state; times are medians of `reps` steps after a warm-up (CUDA events on the GPU).
+
+Bytes per parameter, counted (p read+written, g read, each state read+written), times the dtype
+size: Adam/AdamW 7, SGD-momentum and RMSprop 5 (28 and 20 bytes in fp32; states have the
+param's dtype, as in torch.optim). "L1+L2" adds weight decay and an L1 term; torch has no L1, so
+its rows are what a user writes today: an extra pass adding l1 * sign(p) to the grads.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import fused_opt
+
+WEIGHT_DECAY, L1 = 0.01, 1e-4
+
+# algorithm -> (torch class, fused_opt class, kwargs, tensors read+written per param, torch paths)
+ALGORITHMS = {
+    "Adam": (torch.optim.Adam, fused_opt.Adam, {}, 7, ("for-loop", "foreach", "fused")),
+    "AdamW": (torch.optim.AdamW, fused_opt.AdamW, {}, 7, ("for-loop", "foreach", "fused")),
+    "RMSprop": (torch.optim.RMSprop, fused_opt.RMSprop, {}, 5, ("for-loop", "foreach")),
+    "SGD-momentum": (torch.optim.SGD, fused_opt.SGD, {"lr": 0.01, "momentum": 0.9}, 5,
+                     ("for-loop", "foreach", "fused")),
+}
+TORCH_PATHS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gpt_shapes(d: int, layers: int, vocab: int, ctx: int) -> list[tuple[int, ...]]:
+    """A GPT-2-style parameter list: embeddings, 12 tensors per block, final norm."""
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+# name -> (devices, shapes(quick))
+PARAM_LISTS = {
+    "gpt2-small": (("cpu", "cuda"), lambda q: gpt_shapes(768 // (8 if q else 1), 12, 50257 // (8 if q else 1),
+                                                         1024)),  # 124M params in 148 tensors
+    "gpt-1b": (("cuda",), lambda q: gpt_shapes(2048 // (8 if q else 1), 20, 50257, 2048)),  # 1.11B in 244
+    "10000x4096": (("cpu", "cuda"), lambda q: [(4096,)] * (500 if q else 10000)),
+    "5000x1000": (("cpu", "cuda"), lambda q: [(1000,)] * (500 if q else 5000)),
+}
+
+
+@dataclass
+class Provider:
+    name: str
+    algorithm: str       # e.g. "Adam" or "Adam+L1+L2"
+    tensors_moved: int   # param-sized tensors read or written per step
+    make: Callable       # (params) -> object with .step()
+
+
+class _WithL1Pass:
+    """torch today: add l1 * sign(p) to every grad (one foreach pass), then the optimizer's step."""
+
+    def __init__(self, opt, l1):
+        self.opt, self.l1 = opt, l1
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step(self):
+        torch._foreach_add_([p.grad for p in self.params], torch._foreach_sign(self.params), alpha=self.l1)
+        self.opt.step()
+
+
+def fused_backends(device: str) -> list[str]:
+    usable = fused_opt.available_backends()
+    wanted = ("cuda", "triton", "reference") if device == "cuda" else ("cpu", "reference")
+    return [b for b in wanted if usable.get(b) is None]
+
+
+def providers(device: str, algorithms=None, with_l1l2=(False, True), backends=None) -> list[Provider]:
+    out = []
+    for algo, (torch_cls, ours_cls, kwargs, moved, paths) in ALGORITHMS.items():
+        if algorithms and algo not in algorithms:
+            continue
+        for reg in with_l1l2:
+            name = algo + ("+L1+L2" if reg else "")
+            wd = {"weight_decay": WEIGHT_DECAY} if reg else {}
+            for path in paths:
+                def make(p, c=torch_cls, k={**kwargs, **wd, **TORCH_PATHS[path]}, reg=reg):
+                    return _WithL1Pass(c(p, **k), L1) if reg else c(p, **k)
+                out.append(Provider(f"torch {path}" + (" + L1 pass" if reg else ""), name, moved, make))
+            for backend in backends or fused_backends(device):
+                out.append(Provider(f"fused_opt {backend}", name, moved,
+                                    lambda p, c=ours_cls, k={**kwargs, **wd, **({"l1": L1} if reg else {})}, b=backend:
+                                    c(p, backend=b, **k)))
+    return out
+
+
+def _median_time(fn, reps: int, device: str) -> tuple[float, float, float]:
+    """(median, min, max) seconds of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def ceiling_bandwidth(numel: int, reps: int, device: str) -> float:
+    """Bytes per second of the reference memory-bound operation (see the module docstring)."""
+    if device == "cuda":
+        n = max(numel, 1 << 28)
+        a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+        med, _, _ = _median_time(lambda: b.copy_(a), reps, device)
+        return 8 * n / med
+    a, b = torch.randn(numel), torch.randn(numel)
+    med, _, _ = _median_time(lambda: a.add_(b, alpha=1e-3), reps, device)
+    return 12 * numel / med
+
+
+def extra_peak_bytes(step: Callable, device: str) -> int:
+    """Memory a step allocates beyond what exists before it, at its peak (state already made)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: the profiler charges each allocation to the op that made it (frees outside any op come
+    # as "[memory]" events); replay those amounts in time order and keep the running peak. An
+    # op's own temporaries that it frees before returning net out, so this is a lower bound.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    level = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        level += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton_version, "python": platform.python_version(),
+            "fused_opt": fused_opt.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def plan(device="cpu", quick=False, lists=None, algorithms=None, dtypes=("fp32",), with_l1l2=(False, True),
+         backends=None) -> list[tuple[str, str, Provider]]:
+    """The (list, dtype, provider) runs of one benchmark, in order."""
+    runs = []
+    for list_name, (devices, _) in PARAM_LISTS.items():
+        if device not in devices or (lists and list_name not in lists):
+            continue
+        for dtype in dtypes:
+            runs += [(list_name, dtype, prov) for prov in providers(device, algorithms, with_l1l2, backends)]
+    return runs
+
+
+def run(device="cpu", quick=False, reps=None, lists=None, algorithms=None, dtypes=("fp32",),
+        with_l1l2=(False, True), backends=None, progress: Callable | None = None) -> dict:
+    """Runs the matrix; returns {"machine", "device", "quick", "reps", "results": [row, ...]}."""
+    reps = reps or (5 if quick else 9)
+    runs = plan(device, quick, lists, algorithms, dtypes, with_l1l2, backends)
+    results, ceilings, current = [], {}, (None, None)
+    params = []
+    for list_name, dtype_name, prov in (progress(runs) if progress else runs):
+        if (list_name, dtype_name) != current:  # new parameter list: fresh params and grads
+            params.clear()
+            gc.collect()
+            dtype = DTYPES[dtype_name]
+            shapes = PARAM_LISTS[list_name][1](quick)
+            g = torch.Generator(device=device).manual_seed(0)
+            params = [(torch.randn(s, device=device, generator=g) * 0.02).to(dtype).requires_grad_() for s in shapes]
+            for p in params:
+                p.grad = (torch.randn(p.shape, device=device, generator=g) * 1e-3).to(dtype)
+            numel = sum(p.numel() for p in params)
+            if list_name not in ceilings:
+                ceilings[list_name] = ceiling_bandwidth(numel, reps, device)
+            current = (list_name, dtype_name)
+        saved = [p.detach().clone() for p in params]
+        opt = prov.make(params)
+        opt.step()  # creates the state
+        extra = extra_peak_bytes(opt.step, device)
+        med, lo, hi = _median_time(opt.step, reps, device)
+        del opt
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        del saved
+        gc.collect()
+        bytes_per_param = prov.tensors_moved * DTYPES[dtype_name].itemsize
+        gbps = bytes_per_param * numel / med / 1e9
+        results.append({"params": list_name, "numel": numel, "tensors": len(params), "dtype": dtype_name,
+                        "algorithm": prov.algorithm, "provider": prov.name, "ms": 1e3 * med, "ms_min": 1e3 * lo,
+                        "ms_max": 1e3 * hi, "bytes_per_param": bytes_per_param, "gbps": gbps,
+                        "ceiling_gbps": ceilings[list_name] / 1e9, "fraction_of_ceiling": gbps * 1e9 / ceilings[list_name],
+                        "extra_peak_mb": extra / 2**20})
+    add_ratios(results)
+    return {"machine": machine(device), "device": device, "quick": quick, "reps": reps, "results": results}
+
+
+def add_ratios(results: list[dict]) -> None:
+    """ratio_to_best_torch = fused_opt time / the fastest torch time for the same work (lower is better)."""
+    for r in results:
+        if not r["provider"].startswith("fused_opt"):
+            continue
+        same = [o["ms"] for o in results if (o["params"], o["dtype"], o["algorithm"]) ==
+                (r["params"], r["dtype"], r["algorithm"]) and o["provider"].startswith("torch")]
+        r["ratio_to_best_torch"] = r["ms"] / min(same) if same else None
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    where = f"GPU {m['gpu']} (CUDA {m['cuda']}, Triton {m['triton']}); host " if report["device"] == "cuda" else ""
+    kind = "device-to-device copy" if report["device"] == "cuda" else "in-place axpy"
+    lines = [f"{where}CPU {m['cpu']}, {m['threads']} threads ({m['cpu_capability']}); torch {m['torch']}, "
+             f"Python {m['python']}, fused_opt {m['fused_opt']}; {m['date']}; median of {report['reps']} steps"
+             + (" (quick mode: scaled-down lists)" if report["quick"] else ""), "",
+             "| params | dtype | algorithm | provider | ms (min-max) | GB/s | of ceiling | extra MB | vs best torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        ratio = r.get("ratio_to_best_torch")
+        lines.append(f"| {r['params']} | {r['dtype']} | {r['algorithm']} | {r['provider']} | {r['ms']:.2f} "
+                     f"({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['gbps']:.1f} | {r['fraction_of_ceiling']:.2f} | "
+                     f"{r['extra_peak_mb']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    ceilings = {r["params"]: r["ceiling_gbps"] for r in report["results"]}
+    lines += ["", f"Ceiling ({kind}, same run): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in ceilings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: str) -> None:
+    """Bars of GB/s per provider for each (params, dtype, algorithm), a line at the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    panels = list(dict.fromkeys((r["params"], r["dtype"]) for r in rows))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    for ax, (lst, dt) in zip(axes[:, 0], panels):
+        sub = [r for r in rows if (r["params"], r["dtype"]) == (lst, dt)]
+        algos = list(dict.fromkeys(r["algorithm"] for r in sub))
+        provs = list(dict.fromkeys(r["provider"].replace(" + L1 pass", "") for r in sub))
+        width = 0.8 / len(provs)
+        for j, prov in enumerate(provs):
+            xs, ys = [], []
+            for i, algo in enumerate(algos):
+                for r in sub:
+                    if r["algorithm"] == algo and r["provider"].replace(" + L1 pass", "") == prov:
+                        xs.append(i + j * width)
+                        ys.append(r["gbps"])
+            ax.bar(xs, ys, width, label=prov)
+        ax.axhline(sub[0]["ceiling_gbps"], color="black", linestyle="--", label="ceiling (same run)")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(algos))], algos, fontsize=8)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{lst}, {dt}")
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save(report: dict, folder: str, tag: str, with_chart: bool = True) -> list[str]:
+    """Writes <device>-<tag>.json, .md and (with matplotlib) .png into folder; returns the paths."""
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.join(folder, f"{report['device']}-{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(report))
+    paths = [base + ".json", base + ".md"]
+    if with_chart:
+        chart(report, base + ".png")
+        paths.append(base + ".png")
+    return paths
