@@ -47,9 +47,9 @@ class _Group:
     a dense layout; later lists (step counters) pass through untouched.
     """
 
-    def __init__(self, lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool], indices: list[int] | None,
+    def __init__(self, lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool], indices: list[int],
                  dtype: torch.dtype):
-        self.lists = [list(lst) if indices is None or not lst else [lst[i] for i in indices] for lst in lists]
+        self.lists = [[lst[i] for i in indices] if lst else [] for lst in lists]
         self.write_back: list[tuple[Tensor, Tensor]] = []
         slots = [k for k in range(len(mutable)) if self.lists[k]]
         # Fast path, the usual case: everything contiguous and real.
@@ -72,18 +72,32 @@ class _Group:
             orig.copy_(tmp)
 
 
-def _groups(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int] | None]:
-    """(device, dtype) -> indices of the params in it; None means all of them (the usual case)."""
-    if not params:
-        return {}
-    first = params[0]
-    key0 = (first.get_device(), first.dtype)  # get_device(): an int, much cheaper than .device
-    keys = [(p.get_device(), p.dtype) for p in params]
-    if all(k == key0 for k in keys):
-        return {(first.device, first.dtype): None}
+def _groups(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """(device, dtype) -> indices of the params in it (the slow path: the fast one sends all at once)."""
     out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         out.setdefault((p.device, p.dtype), []).append(i)
+    return out
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and torch.distributed.is_available()
+
+
+def _local_shards(lists):
+    """DTensor params (FSDP2, tensor parallel): every update is elementwise, so each rank updates
+    its local shard; grads and states are first laid out like their param."""
+    out = []
+    for lst in lists:
+        local = []
+        for j, t in enumerate(lst):
+            if _is_dtensor(t):
+                p = lists[0][j]
+                if t is not p and t.placements != p.placements:
+                    t = t.redistribute(p.device_mesh, p.placements)
+                t = t.to_local()
+            local.append(t)
+        out.append(local)
     return out
 
 
@@ -123,6 +137,9 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
     if not params:
         return
     first = params[0]
+    if _is_dtensor(first):
+        lists = _local_shards(lists)
+        params, first = lists[0], lists[0][0]
     if not first.dtype.is_complex:
         kernel = dispatch.select(backend, first.device, first.dtype).kernel(family)
         try:

@@ -44,8 +44,11 @@ for _name, _schema in {**SCHEMAS, **SIMULATED}.items():
     _lib.define(_name + _schema)
 
 
-def _fake(*args, **kwargs) -> None:
-    # Every op only mutates its inputs in place: nothing to allocate, nothing to return.
+def _fake(params, *args, **kwargs) -> None:
+    # Every op only mutates its inputs in place: nothing to allocate, nothing to return. A list
+    # mixing devices would land here when one of them is "meta": refuse it, as the kernels do.
+    if len({p.device for p in params}) > 1:
+        raise RuntimeError("fused_opt: params of one call must share a device; call once per (device, dtype)")
     return None
 
 

@@ -21,11 +21,23 @@ _EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto"}
 
 
 def _check_range(name: str, value, low=0.0, high=None, high_open=True) -> None:
-    """torch.optim's checks and wording: 'Invalid <name>: <value>'. NaN fails every check."""
+    """torch.optim's checks and wording: 'Invalid <name>: <value>'. NaN and infinity fail too."""
     v = float(value)
     ok = v >= low and (high is None or (v < high if high_open else v <= high))
-    if not ok or math.isnan(v):
+    if not ok or not math.isfinite(v):
         raise ValueError(f"Invalid {name}: {value}")
+
+
+# Scalar hyperparameters re-checked at every step (a user may edit param_groups between steps).
+_STEP_CHECKED = ("lr", "eps", "weight_decay", "l1", "momentum", "dampening", "alpha")
+
+
+def _check_group_finite(index: int, group: dict) -> None:
+    values = [(k, group[k]) for k in _STEP_CHECKED if k in group]
+    values += [(f"betas[{i}]", b) for i, b in enumerate(group.get("betas", ()))]
+    for key, v in values:
+        if isinstance(v, (int, float)) and not math.isfinite(v):
+            raise ValueError(f"Invalid {key} in param group {index}: {v}")
 
 
 def _check_lr(lr) -> None:
@@ -42,7 +54,8 @@ class FusedOptimizer(Optimizer):
     # unscales grads by `grad_scale` and skips the step on `found_inf` (GradScaler's protocol).
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, *, l1: float, l1_mode: str, backend: str) -> None:
+    def __init__(self, params, defaults: dict, *, l1: float, l1_mode: str, backend: str,
+                 skip_nonfinite: bool = False) -> None:
         _check_range("l1 value", l1)
         if l1_mode not in functional.L1_MODES:
             raise ValueError(f"Invalid l1_mode: {l1_mode!r}; expected 'subgradient' or 'proximal'")
@@ -54,6 +67,9 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults.update(l1=l1, l1_mode=l1_mode, backend=backend)
         super().__init__(params, defaults)
+        # skip_nonfinite: a step whose grads hold any NaN/Inf changes nothing and is counted.
+        self.skip_nonfinite = skip_nonfinite
+        self._skipped: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         # Also runs at the end of load_state_dict: a torch.optim state_dict has no l1/backend keys.
@@ -92,6 +108,28 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"fused_opt.{type(self).__name__} does not support sparse gradients")
         return params, grads
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by skip_nonfinite=True because a gradient held NaN or Inf."""
+        return 0 if self._skipped is None else int(self._skipped.item())
+
+    def _nonfinite(self, grads: list[Tensor]) -> Tensor | None:
+        """A one-element tensor, non-zero when any grad holds NaN/Inf, computed without a host sync."""
+        if not grads:
+            return None
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        device = grads[0].device
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        for gs in by_device.values():
+            norms = torch._foreach_norm([torch.view_as_real(g) if g.is_complex() else g for g in gs], float("inf"))
+            found += (~torch.stack(norms).isfinite()).any().to(device, torch.float32)
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.float32, device=device)
+        self._skipped += found.to(self._skipped.device) > 0
+        return found
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -99,18 +137,33 @@ class FusedOptimizer(Optimizer):
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
+        # What LR schedulers' wrapper of `step` would record; done here so that they need not wrap
+        # it (see _wrapped_by_lr_sched below) and a compiled step stays one graph.
+        self._opt_called = True
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
-        for group in self.param_groups:
-            params, grads = self._grads_of(group)
+        gathered = []
+        for i, group in enumerate(self.param_groups):
+            _check_group_finite(i, group)
+            gathered.append(self._grads_of(group))
+        found_inf = getattr(self, "found_inf", None)
+        if self.skip_nonfinite:  # all groups are checked before any is updated
+            ours = self._nonfinite([g for _, grads in gathered for g in grads])
+            if ours is not None:
+                found_inf = ours if found_inf is None else found_inf + ours.to(found_inf.device)
+        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": found_inf}
+        for group, (params, grads) in zip(self.param_groups, gathered):
             if params:
                 common = dict(lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                               l1=group["l1"], l1_mode=group["l1_mode"], backend=group["backend"], **amp)
                 self._update(group, params, grads, common)
         return loss
+
+    # LR schedulers replace `opt.step` with a wrapper unless it says it is wrapped already; their
+    # wrapper lives in a file torch.compile does not trace, which would split a compiled step.
+    step._wrapped_by_lr_sched = True
 
     def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], common: dict) -> None:
         raise NotImplementedError
@@ -125,7 +178,7 @@ class Adam(FusedOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, l1: float = 0.0,
-                 l1_mode: str = "subgradient", backend: str = "auto") -> None:
+                 l1_mode: str = "subgradient", backend: str = "auto", skip_nonfinite: bool = False) -> None:
         _check_lr(lr)
         _check_range("epsilon value", eps)
         _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
@@ -135,7 +188,7 @@ class Adam(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite)
 
     @staticmethod
     def _torch_defaults() -> dict:
@@ -171,10 +224,11 @@ class AdamW(Adam):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, l1: float = 0.0, l1_mode: str = "subgradient",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", skip_nonfinite: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode, backend=backend)
+                         decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode, backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -190,7 +244,8 @@ class RMSprop(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
-                 l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto") -> None:
+                 l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto",
+                 skip_nonfinite: bool = False) -> None:
         _check_lr(lr)
         _check_range("epsilon value", eps)
         _check_range("momentum value", momentum)
@@ -199,7 +254,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
-        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite)
 
     @staticmethod
     def _torch_defaults() -> dict:
@@ -234,7 +289,8 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto") -> None:
+                 l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto",
+                 skip_nonfinite: bool = False) -> None:
         _check_lr(lr)
         _check_range("momentum value", momentum)
         _check_range("weight_decay value", weight_decay)
@@ -243,7 +299,7 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite)
 
     @staticmethod
     def _torch_defaults() -> dict:
