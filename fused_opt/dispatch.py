@@ -8,7 +8,6 @@ backend that cannot run raises an error that gives every backend's reason.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -80,8 +79,22 @@ def _requested(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+_CHOICES: dict[tuple[str, torch.device, torch.dtype], Backend] = {}
+
+
+def clear_cache() -> None:
+    """Forget the choices made so far (after a change of environment or extensions)."""
+    _CHOICES.clear()
+
+
 def _select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    key = (name, device, dtype)
+    if key not in _CHOICES:  # a plain dict, not lru_cache: torch.compile traces through it cleanly
+        _CHOICES[key] = _choose(name, device, dtype)
+    return _CHOICES[key]
+
+
+def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     candidates = [b for b in BACKENDS if b.auto] if name == "auto" else [_BY_NAME[name]]
     reasons = {}
     for backend in candidates:

@@ -70,6 +70,19 @@ class FusedOptimizer(Optimizer):
         # skip_nonfinite: a step whose grads hold any NaN/Inf changes nothing and is counted.
         self.skip_nonfinite = skip_nonfinite
         self._skipped: Tensor | None = None
+        self._called = {"step": False}  # see _opt_called
+
+    # LR schedulers replace `opt.step` with a wrapper that sets `_opt_called`, unless step says it
+    # is wrapped already; that wrapper lives in a file torch.compile does not trace, which would
+    # split a compiled step. So step says so (below) and records the call itself, in a dict: the
+    # one kind of mutation torch.compile carries out of a compiled optimizer step.
+    @property
+    def _opt_called(self) -> bool:
+        return self._called["step"]
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._called["step"] = bool(value)
 
     def __setstate__(self, state: dict) -> None:
         # Also runs at the end of load_state_dict: a torch.optim state_dict has no l1/backend keys.
@@ -137,9 +150,7 @@ class FusedOptimizer(Optimizer):
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
-        # What LR schedulers' wrapper of `step` would record; done here so that they need not wrap
-        # it (see _wrapped_by_lr_sched below) and a compiled step stays one graph.
-        self._opt_called = True
+        self._called["step"] = True
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -161,9 +172,7 @@ class FusedOptimizer(Optimizer):
                 self._update(group, params, grads, common)
         return loss
 
-    # LR schedulers replace `opt.step` with a wrapper unless it says it is wrapped already; their
-    # wrapper lives in a file torch.compile does not trace, which would split a compiled step.
-    step._wrapped_by_lr_sched = True
+    step._wrapped_by_lr_sched = True  # see _opt_called
 
     def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], common: dict) -> None:
         raise NotImplementedError

@@ -28,7 +28,7 @@ def test_environment_overrides_auto(monkeypatch):
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(ops.EXTENSIONS, "fused_opt._C", "ImportError: simulated")
     monkeypatch.setattr(ops, "load_extensions", lambda: dict(ops.EXTENSIONS))
-    dispatch._select.cache_clear()
+    dispatch.clear_cache()
     try:
         with pytest.warns(RuntimeWarning, match="simulated.*pip install --no-build-isolation"):
             assert dispatch.select("auto", torch.device("cpu"), torch.float64).name == "reference"
@@ -38,7 +38,7 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         with pytest.raises(RuntimeError, match="backend 'cpu' cannot update.*simulated"):
             dispatch.select("cpu", torch.device("cpu"), torch.float64)
     finally:
-        dispatch._select.cache_clear()
+        dispatch.clear_cache()
 
 
 def test_one_op_call_per_device_dtype_group(monkeypatch):
@@ -49,7 +49,7 @@ def test_one_op_call_per_device_dtype_group(monkeypatch):
     counting = dispatch.Backend(backend.name, backend.device_types, backend.dtypes, backend.unavailable,
                                 lambda family: (lambda *a, **k: (ops.op(family)(*a, **k), calls.append(len(a[0])))))
     monkeypatch.setitem(dispatch._BY_NAME, "cpu", counting)
-    dispatch._select.cache_clear()
+    dispatch.clear_cache()
     try:
         params = [torch.randn(n, requires_grad=True) for n in (3, 5, 7)] + [torch.randn(4, dtype=torch.float64,
                                                                                        requires_grad=True)]
@@ -59,4 +59,4 @@ def test_one_op_call_per_device_dtype_group(monkeypatch):
         opt.step()
         assert sorted(calls) == [1, 3]
     finally:
-        dispatch._select.cache_clear()
+        dispatch.clear_cache()
