@@ -1,0 +1,41 @@
+"""DDP, FSDP2 (fully_shard, DTensor params and states), ZeroRedundancyOptimizer and
+torch.distributed.checkpoint with fused_opt, on 2 CPU processes (gloo): each must end with the
+same params as one process training on the same global batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distributed_worker as w
+
+WORLD = 2
+
+
+def single_process():
+    model = w.model_fn()
+    opt = w.opt_fn(model.parameters())
+    w.train(model, opt, range(w.STEPS), rank=0, world=1)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "zero", "dcp"])
+def test_distributed_matches_single_process(mode, tmp_path):
+    init, out = str(tmp_path / "init"), str(tmp_path / "params.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, os.path.join(here, "distributed_worker.py"), mode, str(rank),
+                               str(WORLD), init, out], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(WORLD)]
+    logs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    expected = single_process()
+    got = torch.load(out, weights_only=True)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any((p == 0).any() for p in got), "the proximal L1 term should have zeroed some weights"
