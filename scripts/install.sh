@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check "torch==${FUSED_OPT_TORCH:-2.14.1}" ninja \
-  "pytest>=8" pytest-benchmark tqdm matplotlib
+  "pytest>=8" pytest-benchmark hypothesis tqdm matplotlib
 
 source scripts/cuda_home.sh
 echo "fused_opt install: CUDA_HOME=${CUDA_HOME:-none}"

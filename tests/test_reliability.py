@@ -1,0 +1,69 @@
+"""Opt-in skipping of non-finite steps, and hostile input that must get a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_opt
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_sim"])
+@pytest.mark.parametrize("algo", ["Adam", "RMSprop", "SGD"])
+def test_skip_nonfinite_leaves_everything_untouched_and_counts(algo, backend):
+    kwargs = {"momentum": 0.9} if algo != "Adam" else {}
+    groups = [[torch.randn(5, requires_grad=True)], [torch.randn(3, 2, requires_grad=True)]]
+    opt = getattr(fused_opt, algo)([{"params": g} for g in groups], lr=0.1, backend=backend, skip_nonfinite=True,
+                                   **kwargs)
+    params = [p for g in groups for p in g]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        params[1].grad[1, 0] = bad  # one bad element in the second group: the whole step is skipped
+        opt.step()
+        for p, b in zip(params, before):
+            assert torch.equal(p, b)
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, state[id(p)][k]), k
+    assert opt.skipped_steps == 3
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.skipped_steps == 3
+
+
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("lr", float("inf")), ("weight_decay", float("nan")),
+                                       ("l1", float("inf")), ("eps", float("nan"))])
+def test_non_finite_hyperparameters_are_refused(key, value):
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid"):
+        fused_opt.Adam([p], **{key: value})
+    opt = fused_opt.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.param_groups[0][key] = value  # edited between steps
+    with pytest.raises(ValueError, match=f"Invalid {key} in param group 0: {value}"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3)) and not opt.state[p]
+
+
+def test_mixed_devices_in_one_group_update_each_on_its_own():
+    cpu = torch.zeros(3, requires_grad=True)
+    meta = torch.zeros(3, device="meta", requires_grad=True)
+    opt = fused_opt.SGD([cpu, meta], lr=0.5)
+    cpu.grad, meta.grad = torch.ones(3), torch.ones(3, device="meta")
+    opt.step()
+    assert torch.equal(cpu.detach(), torch.full((3,), -0.5))
+
+
+def test_torch_own_structural_checks_still_apply():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        fused_opt.Adam([{"params": [p]}, {"params": [p]}])
+    with pytest.raises(TypeError):
+        fused_opt.Adam([1.0, 2.0])
