@@ -12,8 +12,9 @@ with its own state; times are medians of `reps` steps after a warm-up (CUDA even
 
 Bytes per parameter, counted (p read+written, g read, each state read+written), times the dtype
 size: Adam/AdamW 7, SGD-momentum and RMSprop 5 (28 and 20 bytes in fp32; states have the
-param's dtype, as in torch.optim). "L1+L2" adds weight decay and an L1 term; torch has no L1, so
-its rows are what a user writes today: an extra pass adding l1 * sign(p) to the grads.
+param's dtype, as in torch.optim). "+L1+L2" adds weight decay and an L1 subgradient term,
+"+L1prox+L2" weight decay and a proximal L1 step; torch has no L1, so its rows are what a user
+writes today: an extra pass adding l1 * sign(p) to the grads, or a soft threshold after the step.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Provider:
 
 
 class _WithL1Pass:
-    """torch today: add l1 * sign(p) to every grad (one foreach pass), then the optimizer's step."""
+    """torch today, L1 as a subgradient: add l1 * sign(p) to every grad (a foreach pass), then step."""
 
     def __init__(self, opt, l1):
         self.opt, self.l1 = opt, l1
@@ -82,28 +83,47 @@ class _WithL1Pass:
         self.opt.step()
 
 
+class _ThenSoftThreshold(_WithL1Pass):
+    """torch today, L1 as a proximal step: the optimizer's step, then a soft threshold of every param."""
+
+    def step(self):
+        self.opt.step()
+        with torch.no_grad():
+            lr = float(self.opt.param_groups[0]["lr"])
+            for p in self.params:
+                p.copy_(torch.nn.functional.softshrink(p, lr * self.l1))
+
+
 def fused_backends(device: str) -> list[str]:
     usable = fused_opt.available_backends()
     wanted = ("cuda", "triton", "reference") if device == "cuda" else ("cpu", "reference")
     return [b for b in wanted if usable.get(b) is None]
 
 
-def providers(device: str, algorithms=None, with_l1l2=(False, True), backends=None) -> list[Provider]:
+# regularisation -> (name suffix, fused_opt kwargs, how torch users add the L1 term, its label)
+REGULARISATION = {
+    "none": ("", {}, None, ""),
+    "l1l2": ("+L1+L2", {"weight_decay": WEIGHT_DECAY, "l1": L1}, _WithL1Pass, " + L1 pass"),
+    "l1prox": ("+L1prox+L2", {"weight_decay": WEIGHT_DECAY, "l1": L1, "l1_mode": "proximal"}, _ThenSoftThreshold,
+               " + soft threshold"),
+}
+
+
+def providers(device: str, algorithms=None, regularisations=tuple(REGULARISATION), backends=None) -> list[Provider]:
     out = []
     for algo, (torch_cls, ours_cls, kwargs, moved, paths) in ALGORITHMS.items():
         if algorithms and algo not in algorithms:
             continue
-        for reg in with_l1l2:
-            name = algo + ("+L1+L2" if reg else "")
-            wd = {"weight_decay": WEIGHT_DECAY} if reg else {}
+        for reg in regularisations:
+            suffix, extra, torch_l1, label = REGULARISATION[reg]
+            torch_kwargs = {**kwargs, **{k: v for k, v in extra.items() if k == "weight_decay"}}
             for path in paths:
-                def make(p, c=torch_cls, k={**kwargs, **wd, **TORCH_PATHS[path]}, reg=reg):
-                    return _WithL1Pass(c(p, **k), L1) if reg else c(p, **k)
-                out.append(Provider(f"torch {path}" + (" + L1 pass" if reg else ""), name, moved, make))
+                def make(p, c=torch_cls, k={**torch_kwargs, **TORCH_PATHS[path]}, wrap=torch_l1):
+                    return wrap(c(p, **k), L1) if wrap else c(p, **k)
+                out.append(Provider(f"torch {path}{label}", algo + suffix, moved, make))
             for backend in backends or fused_backends(device):
-                out.append(Provider(f"fused_opt {backend}", name, moved,
-                                    lambda p, c=ours_cls, k={**kwargs, **wd, **({"l1": L1} if reg else {})}, b=backend:
-                                    c(p, backend=b, **k)))
+                out.append(Provider(f"fused_opt {backend}", algo + suffix, moved,
+                                    lambda p, c=ours_cls, k={**kwargs, **extra}, b=backend: c(p, backend=b, **k)))
     return out
 
 
@@ -177,23 +197,23 @@ def machine(device: str) -> dict:
             "fused_opt": fused_opt.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
-def plan(device="cpu", quick=False, lists=None, algorithms=None, dtypes=("fp32",), with_l1l2=(False, True),
-         backends=None) -> list[tuple[str, str, Provider]]:
+def plan(device="cpu", quick=False, lists=None, algorithms=None, dtypes=("fp32",),
+         regularisations=tuple(REGULARISATION), backends=None) -> list[tuple[str, str, Provider]]:
     """The (list, dtype, provider) runs of one benchmark, in order."""
     runs = []
     for list_name, (devices, _) in PARAM_LISTS.items():
         if device not in devices or (lists and list_name not in lists):
             continue
         for dtype in dtypes:
-            runs += [(list_name, dtype, prov) for prov in providers(device, algorithms, with_l1l2, backends)]
+            runs += [(list_name, dtype, prov) for prov in providers(device, algorithms, regularisations, backends)]
     return runs
 
 
 def run(device="cpu", quick=False, reps=None, lists=None, algorithms=None, dtypes=("fp32",),
-        with_l1l2=(False, True), backends=None, progress: Callable | None = None) -> dict:
+        regularisations=tuple(REGULARISATION), backends=None, progress: Callable | None = None) -> dict:
     """Runs the matrix; returns {"machine", "device", "quick", "reps", "results": [row, ...]}."""
     reps = reps or (5 if quick else 9)
-    runs = plan(device, quick, lists, algorithms, dtypes, with_l1l2, backends)
+    runs = plan(device, quick, lists, algorithms, dtypes, regularisations, backends)
     results, ceilings, current = [], {}, (None, None)
     params = []
     for list_name, dtype_name, prov in (progress(runs) if progress else runs):
@@ -274,13 +294,16 @@ def chart(report: dict, path: str) -> None:
     for ax, (lst, dt) in zip(axes[:, 0], panels):
         sub = [r for r in rows if (r["params"], r["dtype"]) == (lst, dt)]
         algos = list(dict.fromkeys(r["algorithm"] for r in sub))
-        provs = list(dict.fromkeys(r["provider"].replace(" + L1 pass", "") for r in sub))
+        def base(name):
+            return name.replace(" + L1 pass", "").replace(" + soft threshold", "")
+
+        provs = list(dict.fromkeys(base(r["provider"]) for r in sub))
         width = 0.8 / len(provs)
         for j, prov in enumerate(provs):
             xs, ys = [], []
             for i, algo in enumerate(algos):
                 for r in sub:
-                    if r["algorithm"] == algo and r["provider"].replace(" + L1 pass", "") == prov:
+                    if r["algorithm"] == algo and base(r["provider"]) == prov:
                         xs.append(i + j * width)
                         ys.append(r["gbps"])
             ax.bar(xs, ys, width, label=prov)

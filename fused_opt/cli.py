@@ -21,7 +21,7 @@ def _bench(args) -> int:
 
     report = benchmark.run(device=args.device, quick=args.quick, reps=args.reps, lists=args.lists,
                            algorithms=args.algorithms, dtypes=tuple(args.dtypes),
-                           with_l1l2=(False,) if args.no_l1l2 else (False, True), backends=args.backends,
+                           regularisations=tuple(args.regularisations), backends=args.backends,
                            progress=progress)
     print(benchmark.markdown(report))
     if args.tag:
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     b.add_argument("--algorithms", nargs="*", help="Adam AdamW RMSprop SGD-momentum")
     b.add_argument("--dtypes", nargs="*", default=["fp32"], choices=("fp32", "bf16"))
     b.add_argument("--backends", nargs="*", help="fused_opt backends to include (default: all usable)")
-    b.add_argument("--no-l1l2", action="store_true", help="skip the +L1+L2 variants")
+    b.add_argument("--regularisations", nargs="*", default=["none", "l1l2", "l1prox"],
+                   choices=("none", "l1l2", "l1prox"), help="plain, +L1 (subgradient) +L2, +L1 (proximal) +L2")
     b.add_argument("--tag", help="save <out>/<device>-<tag>.json, .md and .png")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--no-chart", action="store_true")

@@ -15,7 +15,9 @@ def test_quick_benchmark_figures_are_consistent(tmp_path):
     rows = report["results"]
     assert {r["provider"] for r in rows} == {"torch for-loop", "torch foreach", "torch fused", "fused_opt cpu",
                                              "fused_opt reference", "torch for-loop + L1 pass",
-                                             "torch foreach + L1 pass", "torch fused + L1 pass"}
+                                             "torch foreach + L1 pass", "torch fused + L1 pass",
+                                             "torch for-loop + soft threshold", "torch foreach + soft threshold",
+                                             "torch fused + soft threshold"}
     for r in rows:
         assert r["ms_min"] <= r["ms"] <= r["ms_max"]
         assert r["bytes_per_param"] == (20 if r["dtype"] == "fp32" else 10)

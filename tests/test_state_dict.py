@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 import fused_opt
-from cases import ALGORITHMS, make_grads, make_params
+from cases import ALGORITHMS, REGULARISATION, make_grads, make_params
 
 CONFIGS = {
     "adam": {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1},
@@ -25,7 +25,7 @@ CONFIGS = {
 def _run(opt, params, steps, start=1):
     for step in range(start, start + steps):
         for p, g in zip(params, make_grads(params, step)):
-            p.grad = g.to(p.dtype)
+            p.grad = g.to(p.device, p.dtype)
         opt.step()
 
 
@@ -74,43 +74,101 @@ def test_load_across_and_continue(algo, direction):
             torch.testing.assert_close(cont.state[q][key], opt.state[p][key], rtol=1e-5, atol=1e-5)
 
 
-RESUME_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    sys.path.insert(0, {tests!r})
-    import fused_opt
-    from cases import make_params, make_grads
-    params = make_params("mixed", torch.float32)
-    opt = getattr(fused_opt, {cls!r})(params, **{kwargs!r})
-    ckpt = torch.load({path!r}, weights_only=True)
-    opt.load_state_dict(ckpt["opt"])
-    with torch.no_grad():
-        for p, saved in zip(params, ckpt["params"]):
-            p.copy_(saved)
-    for step in range(6, 11):
-        for p, g in zip(params, make_grads(params, step)):
-            p.grad = g.to(p.dtype)
+def _resume_configs():
+    """Every algorithm, every option variant of the case table, with each kind of regularisation."""
+    out = []
+    for algo, (fused_cls, _, base, variants) in ALGORITHMS.items():
+        for option, extra in variants.items():
+            for reg in ("none", "l1sub", "elastic"):
+                out.append({"id": f"{algo}-{option}-{reg}", "cls": fused_cls.__name__,
+                            "kwargs": {**base, **extra, **REGULARISATION[reg]}})
+    return out
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+
+def _train(model, opt, sched, steps):
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        model(torch.randn(4, 5, generator=g)).pow(2).mean().backward()
         opt.step()
-    torch.save({{"params": [p.detach() for p in params],
-                "state": opt.state_dict()["state"]}}, {out!r})
-""")
+        sched.step()
 
 
+def _setup(config):
+    model = _model()
+    opt = getattr(fused_opt, config["cls"])(model.parameters(), **config["kwargs"])
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=8)
+    return model, opt, sched
+
+
+RESUME_SCRIPT = """
+import sys, json, torch
+sys.path.insert(0, sys.argv[1])
+from test_state_dict import _setup, _train
+configs = json.load(open(sys.argv[2]))
+out = {}
+for config in configs:
+    model, opt, sched = _setup(config)
+    ckpt = torch.load(f"{sys.argv[3]}/{config['id']}.pt", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    _train(model, opt, sched, range(5, 10))
+    out[config["id"]] = {"model": model.state_dict(), "opt": opt.state_dict()["state"]}
+torch.save(out, f"{sys.argv[3]}/resumed.pt")
+"""
+
+
+def test_checkpoint_resumes_bit_identically_in_a_new_process(tmp_path):
+    """Model + optimizer + LR scheduler saved mid-run; a new process loads them (weights_only) and
+    must continue exactly as the run that never stopped, for every algorithm and option."""
+    configs = _resume_configs()
+    expected = {}
+    for config in configs:
+        model, opt, sched = _setup(config)
+        _train(model, opt, sched, range(5))
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+                   tmp_path / f"{config['id']}.pt")
+        _train(model, opt, sched, range(5, 10))
+        expected[config["id"]] = {"model": model.state_dict(), "opt": opt.state_dict()["state"]}
+    (tmp_path / "configs.json").write_text(json.dumps(configs))
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, os.path.dirname(__file__), str(tmp_path / "configs.json"),
+                    str(tmp_path)], check=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    for cid, exp in expected.items():
+        for key, value in exp["model"].items():
+            assert torch.equal(resumed[cid]["model"][key], value), (cid, key)
+        for i, state in exp["opt"].items():
+            for key, value in state.items():
+                assert torch.equal(resumed[cid]["opt"][i][key], value), (cid, i, key)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("algo", CONFIGS)
-def test_resume_in_new_process_is_bit_identical(algo, tmp_path):
+def test_gpu_checkpoint_loads_on_cpu_and_back(algo, tmp_path):
     cls = ALGORITHMS[algo][0]
-    params, opt = _fresh(cls, CONFIGS[algo])
-    _run(opt, params, 5)
-    path, out = tmp_path / "ckpt.pt", tmp_path / "out.pt"
-    torch.save({"opt": opt.state_dict(), "params": [p.detach().clone() for p in params]}, path)
-    _run(opt, params, 5, start=6)
-
-    script = RESUME_SCRIPT.format(tests=os.path.dirname(__file__), cls=cls.__name__, kwargs=CONFIGS[algo],
-                                  path=str(path), out=str(out))
-    subprocess.run([sys.executable, "-c", script], check=True)
-    resumed = torch.load(out, weights_only=True)
-    for p, q in zip(params, resumed["params"]):
-        assert torch.equal(p.detach(), q)
-    mine = opt.state_dict()["state"]
-    for i in mine:
-        for key in mine[i]:
-            assert torch.equal(mine[i][key], resumed["state"][i][key]), (i, key)
+    gpu_params = [p.detach().cuda().requires_grad_() for p in make_params("mixed", torch.float32)]
+    gpu = cls(gpu_params, **CONFIGS[algo])
+    _run(gpu, gpu_params, 3)
+    torch.save({"opt": gpu.state_dict(), "params": [p.detach() for p in gpu_params]}, tmp_path / "gpu.pt")
+    ckpt = torch.load(tmp_path / "gpu.pt", map_location="cpu", weights_only=True)
+    cpu_params = [p.clone().requires_grad_() for p in ckpt["params"]]
+    cpu = cls(cpu_params, **CONFIGS[algo])
+    cpu.load_state_dict(ckpt["opt"])
+    _run(gpu, gpu_params, 3, start=4)
+    _run(cpu, cpu_params, 3, start=4)
+    for p, q in zip(cpu_params, gpu_params):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
+    back_params = [p.detach().cuda().requires_grad_() for p in cpu_params]
+    back = cls(back_params, **CONFIGS[algo])
+    back.load_state_dict(cpu.state_dict())  # CPU state onto GPU params: moved to their device
+    _run(back, back_params, 2, start=7)
+    _run(cpu, cpu_params, 2, start=7)
+    for p, q in zip(cpu_params, back_params):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
