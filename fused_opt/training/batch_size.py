@@ -1,0 +1,120 @@
+"""Automatic batch size: the largest batch whose training step fits, with a safety margin.
+
+On a GPU "fits" means no CUDA out-of-memory error; on the CPU, where running out of memory
+means swapping or being killed rather than an error, it means a measured peak within a budget.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+import torch
+
+
+class OutOfMemory(RuntimeError):
+    """A trial step needed more memory than allowed."""
+
+
+class PeakMemory:
+    """Peak memory of the code in its `with` block, in bytes above what was in use at entry.
+
+    CUDA: the allocator's own peak. CPU: the process's resident set, sampled every `interval`
+    seconds by a background thread (Linux /proc; elsewhere ru_maxrss, a process-wide high mark).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
+        self.device, self.interval = torch.device(device), interval
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base = self._rss()
+        self._high = self._base
+        self._running = True
+
+        def sample():
+            while self._running:
+                self._high = max(self._high, self._rss())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._running = False
+            self._thread.join()
+            self._high = max(self._high, self._rss())
+            self.peak = self._high - self._base
+        return False
+
+
+def find_batch_size(try_batch: Callable[[int], None], start: int = 1, limit: int = 1024,
+                    margin: float = 0.9) -> int:
+    """The largest batch size that fits, times `margin` (at least `start`).
+
+    try_batch(b) runs one training step at batch size b and raises OutOfMemory (or a CUDA
+    out-of-memory error) when it does not fit. Sizes double from `start` up to `limit`; after the
+    first failure a binary search finds the boundary between the largest success and the failure.
+    """
+    if not 0 < margin <= 1:
+        raise ValueError(f"Invalid margin: {margin}")
+
+    def fits(b: int) -> bool:
+        try:
+            try_batch(b)
+            return True
+        except (OutOfMemory, torch.cuda.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return False
+
+    if not fits(start):
+        raise OutOfMemory(f"batch size {start} does not fit in memory; nothing smaller to try (use a smaller "
+                          "model or max length, or a larger memory budget)")
+    good, bad = start, None
+    while bad is None and good < limit:
+        b = min(good * 2, limit)
+        if fits(b):
+            good = b
+        else:
+            bad = b
+    while bad is not None and bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return max(start, int(good * margin))
+
+
+def cpu_memory_budget(fraction: float = 0.5) -> int:
+    """Bytes: `fraction` of the memory available now (Linux MemAvailable; else 4 GiB)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * fraction)
+    except OSError:
+        pass
+    return int(4 * 2**30 * fraction)

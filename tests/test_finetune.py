@@ -1,0 +1,53 @@
+"""The reference fine-tune end to end on a tiny slice (real model, real data, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fused_opt import finetune
+from fused_opt.training import OutOfMemory
+
+REQUIRED = {"impl", "optimizer", "val_accuracy", "val_loss", "optimizer_step_ms", "train_step_ms", "epochs_run",
+            "stopped_early", "batch_size"}
+
+
+def tiny(**kw):
+    base = dict(limit=40, max_length=16, epochs=2, batch_size=4, effective_batch=8, progress=False)
+    return finetune.Config(**{**base, **kw})
+
+
+def test_pipeline_end_to_end(tmp_path):
+    report = finetune.run(tiny(), out=str(tmp_path))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert [r["impl"] for r in saved["runs"]] == ["torch", "fused_opt"]
+    for r in saved["runs"]:
+        assert REQUIRED <= r.keys()
+        assert r["epochs_run"] == 2 and r["batch_size"] == 4 and r["effective_batch"] == 8
+        assert len(r["history"]["train_loss"]) == 2 * 4  # 28 train articles / 8 per step, 2 epochs
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["optimizer_step_ms"] > 0
+    # Same seed, weights, dropout masks and data order: the two loss curves agree to rounding.
+    assert report["comparison"]["max_train_loss_difference"] < 1e-4
+    assert "| fused_opt | fused_opt.AdamW |" in (tmp_path / "report.md").read_text()
+    for png in ("curves.png", "step_times.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_threshold_stopping_and_proximal_l1(tmp_path):
+    report = finetune.run(tiny(epochs=3, stop_at_accuracy=0.0, l1=0.5, l1_mode="proximal", impls=("fused_opt",)))
+    run = report["runs"][0]
+    assert run["epochs_run"] == 1 and run["stopped_early"] and "val_accuracy" in run["stop_reason"]
+    assert run["zero_weight_fraction"] > 0.0
+
+
+def test_torch_cannot_take_an_l1_term():
+    with pytest.raises(ValueError, match="no L1 term"):
+        finetune.run(tiny(l1=0.1, impls=("torch",)))
+
+
+def test_auto_batch_size_is_bounded_by_the_memory_budget():
+    with pytest.raises(OutOfMemory, match="batch size 1 does not fit"):
+        finetune.run(tiny(batch_size="auto", memory_budget_mb=0.001, impls=("fused_opt",)))
+    report = finetune.run(tiny(batch_size="auto", memory_budget_mb=8000, epochs=1, impls=("fused_opt",)))
+    assert 1 <= report["runs"][0]["batch_size"] <= 28  # at most the training set

@@ -1,0 +1,131 @@
+"""LR schedules, early stopping and the batch-size finder, on their own and at their edges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fused_opt
+from fused_opt.training import EarlyStopping, OutOfMemory, PeakMemory, ScheduleFactor, build_scheduler, find_batch_size
+
+
+def _lrs(kind, total=10, **kw):
+    opt = fused_opt.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = build_scheduler(opt, total, kind, **kw)
+    out = []
+    for _ in range(total + 3):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_linear_decay_to_floor():
+    lrs = _lrs("linear", total=10, warmup_steps=4, floor=0.1)
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[4:11] == pytest.approx([1.0 - 0.9 * s / 6 for s in range(7)])
+    assert lrs[10:] == pytest.approx([0.1] * 3)  # stays on the floor
+
+
+def test_exponential_decay_reaches_the_floor_at_the_end_and_stays():
+    lrs = _lrs("exponential", total=8, floor=0.01)
+    assert lrs[0] == 1.0 and lrs[8] == pytest.approx(0.01)
+    assert all(b < a for a, b in zip(lrs[:8], lrs[1:9]))
+    assert min(lrs) == pytest.approx(0.01)
+    gamma_lrs = _lrs("exponential", total=5, gamma=0.5)
+    assert gamma_lrs[:4] == pytest.approx([1, 0.5, 0.25, 0.125])
+
+
+def test_schedule_state_round_trips_and_bad_input_is_refused():
+    opt = fused_opt.AdamW([torch.zeros(1, requires_grad=True)], lr=torch.tensor(0.1))
+    sched = build_scheduler(opt, 20, "linear", warmup_steps=2)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    twin_opt = fused_opt.AdamW([torch.zeros(1, requires_grad=True)], lr=torch.tensor(0.1))
+    twin = build_scheduler(twin_opt, 20, "linear", warmup_steps=2)
+    twin.load_state_dict(sched.state_dict())
+    twin_opt.load_state_dict(opt.state_dict())
+    assert float(twin_opt.param_groups[0]["lr"]) == float(opt.param_groups[0]["lr"])
+    for bad in (dict(kind="cosine", total_steps=5), dict(kind="linear", total_steps=0),
+                dict(kind="linear", total_steps=5, warmup_steps=6), dict(kind="exponential", total_steps=5),
+                dict(kind="linear", total_steps=5, floor=2.0)):
+        with pytest.raises(ValueError):
+            ScheduleFactor(**bad)
+
+
+def _model(value):
+    m = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        m.weight.fill_(value)
+    return m
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_improvement():
+    stop = EarlyStopping("val_loss", patience=0)
+    assert not stop.update(1, {"val_loss": 1.0})
+    assert not stop.update(2, {"val_loss": 0.9})
+    assert stop.update(3, {"val_loss": 0.95})
+    assert stop.stopped_epoch == 3 and stop.best_epoch == 2 and "patience 0" in stop.reason
+
+
+def test_min_delta_and_accuracy_mode():
+    stop = EarlyStopping("val_accuracy", patience=1, min_delta=0.01)
+    assert not stop.update(1, {"val_accuracy": 0.80})
+    assert not stop.update(2, {"val_accuracy": 0.805})  # not better by more than min_delta
+    assert stop.update(3, {"val_accuracy": 0.809})
+    assert stop.best_epoch == 1
+
+
+def test_restores_the_best_weights_when_the_best_epoch_is_the_first():
+    model = _model(1.0)
+    stop = EarlyStopping("val_loss", patience=1)
+    assert not stop.update(1, {"val_loss": 0.5}, model)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    assert not stop.update(2, {"val_loss": 0.6}, model)
+    assert stop.update(3, {"val_loss": 0.7}, model)
+    assert stop.restore(model) and model.weight.item() == 1.0
+
+
+def test_threshold_stops_at_the_first_epoch_that_crosses_it():
+    stop = EarlyStopping("val_loss", patience=None, stop_below={"val_loss": 0.3}, stop_above={"val_accuracy": 0.95})
+    losses, accs = [0.9, 0.5, 0.31, 0.29, 0.1], [0.5, 0.7, 0.8, 0.9, 0.99]
+    epoch = next(e for e, (l, a) in enumerate(zip(losses, accs), 1)
+                 if stop.update(e, {"val_loss": l, "val_accuracy": a}))
+    assert epoch == 4 and "val_loss 0.29 fell below 0.3" in stop.reason
+    acc_stop = EarlyStopping("val_loss", patience=None, stop_above={"val_accuracy": 0.85})
+    epoch = next(e for e, (l, a) in enumerate(zip(losses, accs), 1)
+                 if acc_stop.update(e, {"val_loss": l, "val_accuracy": a}))
+    assert epoch == 4 and "val_accuracy" in acc_stop.reason
+
+
+def _fits_below(limit, tried):
+    def try_batch(b):
+        tried.append(b)
+        if b > limit:
+            raise OutOfMemory(f"{b} > {limit}")
+    return try_batch
+
+
+@pytest.mark.parametrize("limit", [1, 2, 37, 64, 100, 1000])
+def test_batch_size_finder_finds_the_boundary_then_keeps_a_margin(limit):
+    tried = []
+    size = find_batch_size(_fits_below(limit, tried), start=1, limit=512, margin=0.9)
+    assert size == max(1, int(min(limit, 512) * 0.9))
+    assert len(tried) <= 2 * math.ceil(math.log2(512)) + 2  # doubling, then a binary search
+
+
+def test_batch_size_finder_refuses_when_the_smallest_size_does_not_fit():
+    with pytest.raises(OutOfMemory, match="batch size 4 does not fit"):
+        find_batch_size(_fits_below(3, []), start=4)
+
+
+def test_peak_memory_sees_a_large_temporary_on_cpu():
+    with PeakMemory("cpu") as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x.add_(1)
+        del x
+    assert mem.peak >= 48 * 2**20
