@@ -28,8 +28,10 @@ import torch.nn.functional as F
 
 import fused_opt
 
-from .training import EarlyStopping, OutOfMemory, PeakMemory, build_scheduler, find_batch_size
+from .training import (EarlyStopping, OutOfMemory, PeakMemory, RandomBatchSizes, build_scheduler, find_batch_size,
+                       lr_range_test)
 from .training.batch_size import cpu_memory_budget
+from .training.lr_finder import plot as plot_range_test
 
 # name -> (torch.optim class, fused_opt class, extra constructor kwargs)
 ALGORITHMS = {
@@ -43,12 +45,12 @@ ALGORITHMS = {
 @dataclass
 class Config:
     algorithm: str = "adamw"
-    lr: float = 5e-5
+    lr: float | str = 5e-5             # or "auto": an LR range test picks it
     weight_decay: float = 0.01
     l1: float = 0.0
     l1_mode: str = "subgradient"
     epochs: int = 3
-    batch_size: int | str = 16          # or "auto"
+    batch_size: int | str = 16          # or "auto", or "random:MIN:MAX" (a new size each step)
     effective_batch: int | None = None  # gradient accumulation keeps this many examples per step
     max_length: int = 128
     schedule: str = "linear"
@@ -66,6 +68,7 @@ class Config:
     memory_budget_mb: float | None = None  # CPU bound for --batch-size auto
     impls: tuple[str, ...] = ("torch", "fused_opt")
     progress: bool = True
+    lr_finder_steps: int = 100
 
 
 @dataclass
@@ -166,6 +169,25 @@ def choose_batch_size(cfg: Config, data: Data) -> int:
     return size
 
 
+def find_lr(cfg: Config, data: Data, batch_size: int):
+    """--lr auto: an LR range test on a fresh copy of the model (restored after; see training.lr_finder)."""
+    model = load_model(len(data.classes), cfg.device)
+    opt = make_optimizer("fused_opt", dataclasses.replace(cfg, lr=1e-7), model.parameters())
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    train = data.splits["train"]
+
+    def batches():
+        while True:
+            yield train[torch.randint(len(train), (batch_size,), generator=g)]
+
+    def loss_of(idx):
+        ids, mask, labels = _batch(data, idx, cfg.device)
+        return F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
+
+    max_lr = 1.0 if cfg.algorithm == "sgd" else 1e-2
+    return lr_range_test(model, opt, loss_of, batches(), min_lr=1e-7, max_lr=max_lr, steps=cfg.lr_finder_steps)
+
+
 def make_optimizer(impl: str, cfg: Config, params):
     torch_cls, fused_cls, extra = ALGORITHMS[cfg.algorithm]
     kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
@@ -181,11 +203,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_one(impl: str, cfg: Config, data: Data, batch_size: int) -> dict:
-    """One full fine-tune with one implementation of the optimizer; returns its report entry."""
+def train_one(impl: str, cfg: Config, data: Data, batch_size: int | RandomBatchSizes) -> dict:
+    """One full fine-tune with one implementation of the optimizer; returns its report entry.
+
+    batch_size: a fixed size (with gradient accumulation up to cfg.effective_batch), or
+    RandomBatchSizes (a new size each step, the lr rescaled for it; no accumulation)."""
+    random_sizes = batch_size if isinstance(batch_size, RandomBatchSizes) else None
+    if random_sizes:  # a fresh, identically seeded draw for every impl
+        random_sizes = RandomBatchSizes(random_sizes.low, random_sizes.high, cfg.seed + 2, random_sizes.lr_power)
+        batch_size = random_sizes.high
     effective = max(batch_size, cfg.effective_batch or batch_size)
     train = data.splits["train"]
-    steps_per_epoch = math.ceil(len(train) / effective)
+    steps_per_epoch = math.ceil(len(train) / (random_sizes.reference if random_sizes else effective))
     torch.manual_seed(cfg.seed)  # same classifier init and dropout masks for every impl
     model = load_model(len(data.classes), cfg.device)
     opt = make_optimizer(impl, cfg, model.parameters())
@@ -197,13 +226,13 @@ def train_one(impl: str, cfg: Config, data: Data, batch_size: int) -> dict:
                             stop_above=({"val_accuracy": cfg.stop_at_accuracy}
                                         if cfg.stop_at_accuracy is not None else None))
     order = torch.Generator().manual_seed(cfg.seed + 1)  # same data order for every impl
-    history = {"train_loss": [], "lr": [], "epochs": []}
+    history = {"train_loss": [], "lr": [], "batch_size": [], "epochs": []}
     opt_ms, step_ms = [], []
     epochs_run = 0
     with PeakMemory(cfg.device) as mem:
         for epoch in range(cfg.epochs):
             perm = train[torch.randperm(len(train), generator=order)]
-            batches = perm.split(effective)
+            batches = random_sizes.split(perm) if random_sizes else perm.split(effective)
             bar = _progress(batches, f"{impl} epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
             for eff in bar:
                 _sync(cfg.device)
@@ -215,12 +244,19 @@ def train_one(impl: str, cfg: Config, data: Data, batch_size: int) -> dict:
                     loss = F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
                     (loss * (len(micro) / len(eff))).backward()
                     loss_sum += loss.item() * len(micro)
+                scheduled = [g["lr"] for g in opt.param_groups]
+                if random_sizes:  # this step's lr, rescaled for its batch size; the schedule resumes after
+                    for g in opt.param_groups:
+                        g["lr"] = g["lr"] * random_sizes.lr_factor(len(eff))
+                history["lr"].append(float(opt.param_groups[0]["lr"]))
+                history["batch_size"].append(len(eff))
                 _sync(cfg.device)
                 t1 = time.perf_counter()
                 opt.step()
                 _sync(cfg.device)
                 t2 = time.perf_counter()
-                history["lr"].append(float(opt.param_groups[0]["lr"]))
+                for g, lr in zip(opt.param_groups, scheduled):
+                    g["lr"] = lr
                 sched.step()
                 history["train_loss"].append(loss_sum / len(eff))
                 opt_ms.append(1e3 * (t2 - t1))
@@ -244,7 +280,8 @@ def train_one(impl: str, cfg: Config, data: Data, batch_size: int) -> dict:
             "optimizer_step_ms": statistics.median(warm), "train_step_ms": statistics.median(step_ms[1:] or step_ms),
             "epochs_run": epochs_run, "stopped_early": stopper.stopped_epoch is not None and epochs_run < cfg.epochs,
             "stop_reason": stopper.reason, "best_epoch": stopper.best_epoch, "restored_best": restored,
-            "batch_size": batch_size, "effective_batch": effective, "peak_memory_mb": mem.peak / 2**20,
+            "batch_size": f"random:{random_sizes.low}:{random_sizes.high}" if random_sizes else batch_size,
+            "effective_batch": None if random_sizes else effective, "peak_memory_mb": mem.peak / 2**20,
             "zero_weight_fraction": zeros, "history": history}
 
 
@@ -274,7 +311,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Fine-tune: {report['model']} on BBC News ({cfg['algorithm']}, lr {cfg['lr']}, "
              f"max length {cfg['max_length']}, {report['machine']})", "",
              f"{report['sizes']['train']} train / {report['sizes']['val']} validation / {report['sizes']['test']} "
-             f"test articles; schedule {cfg['schedule']}, seed {cfg['seed']}.", "",
+             f"test articles; schedule {cfg['schedule']} (warmup {cfg['warmup_ratio']:g} of the steps, floor "
+             f"{cfg['lr_floor']:g}); weight decay {cfg['weight_decay']:g}, L1 {cfg['l1']:g} ({cfg['l1_mode']}); "
+             f"seed {cfg['seed']}.", "",
              "| impl | optimizer | val acc | val loss | test acc | optimizer step ms | train step ms | epochs "
              "| stopped early | batch | peak MB | zero weights |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
@@ -282,6 +321,16 @@ def markdown(report: dict) -> str:
                      f"{r['test_accuracy']:.4f} | {r['optimizer_step_ms']:.2f} | {r['train_step_ms']:.1f} | "
                      f"{r['epochs_run']} | {r['stop_reason'] or 'no'} | {r['batch_size']} | {r['peak_memory_mb']:.0f} | "
                      f"{100 * r['zero_weight_fraction']:.2f}% |")
+    finder = report.get("lr_finder")
+    if finder:
+        lines += ["", f"Learning rate chosen by an LR range test ({len(finder['lrs'])} steps, steepest descent of the "
+                      f"smoothed loss): {finder['suggestion']:.3g}" + (f"; the loss diverged at {finder['diverged_at']:.3g}"
+                                                                       if finder["diverged_at"] else "") + "."]
+    for r in report["runs"]:
+        sizes = r["history"]["batch_size"]
+        if isinstance(r["batch_size"], str) and sizes:
+            lines += ["", f"Random batch sizes ({r['impl']}): {len(sizes)} steps, sizes {min(sizes)}..{max(sizes)}, "
+                          f"mean {sum(sizes) / len(sizes):.1f}; lr rescaled per step (see the lr curve)."]
     if cmp:
         lines += ["", f"Largest difference between the two training-loss curves: {cmp['max_train_loss_difference']:.2e}; "
                       f"optimizer step fused_opt/torch: {cmp['optimizer_step_ratio']:.2f}x the time; "
@@ -338,12 +387,22 @@ def run(cfg: Config, out: str | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     data = prepare_data(cfg, tokenizer)
-    batch_size = choose_batch_size(cfg, data) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    if cfg.batch_size == "auto":
+        batch_size = choose_batch_size(cfg, data)
+    elif isinstance(cfg.batch_size, str):
+        batch_size = RandomBatchSizes.parse(cfg.batch_size, cfg.seed, 1.0 if cfg.algorithm == "sgd" else 0.5)
+    else:
+        batch_size = int(cfg.batch_size)
+    finder = None
+    if cfg.lr == "auto":
+        finder = find_lr(cfg, data, batch_size if isinstance(batch_size, int) else batch_size.high)
+        cfg = dataclasses.replace(cfg, lr=finder.suggestion)
     runs = [train_one(impl, cfg, data, batch_size) for impl in cfg.impls]
     machine = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     report = {"model": "all-MiniLM-L6-v2", "dataset": "BBC News", "machine": machine, "torch": torch.__version__,
               "config": dataclasses.asdict(cfg), "sizes": {k: len(v) for k, v in data.splits.items()},
-              "runs": runs, "comparison": compare(runs)}
+              "runs": runs, "comparison": compare(runs),
+              "lr_finder": dataclasses.asdict(finder) if finder else None}
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "report.json"), "w") as f:
@@ -351,18 +410,23 @@ def run(cfg: Config, out: str | None = None) -> dict:
         with open(os.path.join(out, "report.md"), "w") as f:
             f.write(markdown(report))
         plots(report, out)
+        if finder:
+            plot_range_test(finder, os.path.join(out, "lr_finder.png"))
     return report
 
 
 def parse(argv=None) -> tuple[Config, str, bool]:
     ap = argparse.ArgumentParser(prog="fused-opt finetune", description=__doc__.splitlines()[0])
     ap.add_argument("--algorithm", default="adamw", choices=sorted(ALGORITHMS))
-    ap.add_argument("--lr", type=float, default=None, help="default 5e-5 (adam/adamw), 1e-4 rmsprop, 1e-2 sgd")
+    ap.add_argument("--lr", default=None, help="a number, or 'auto' for an LR range test; default 5e-5 "
+                    "(adam/adamw), 1e-4 rmsprop, 1e-2 sgd")
+    ap.add_argument("--lr-finder-steps", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--l1", type=float, default=0.0)
     ap.add_argument("--l1-mode", default="subgradient", choices=("subgradient", "proximal"))
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", default="16", help="an integer or 'auto'")
+    ap.add_argument("--batch-size", default="16", help="an integer, 'auto' (the largest that fits), or "
+                    "'random:MIN:MAX' (a new size each step, lr rescaled)")
     ap.add_argument("--effective-batch", type=int, default=None, help="accumulate gradients up to this many")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--schedule", default="linear", choices=("constant", "linear", "exponential"))
@@ -384,9 +448,13 @@ def parse(argv=None) -> tuple[Config, str, bool]:
     ap.add_argument("--out", default="finetune-out")
     a = ap.parse_args(argv)
     default_lr = {"adamw": 5e-5, "adam": 5e-5, "rmsprop": 1e-4, "sgd": 1e-2}[a.algorithm]
-    cfg = Config(algorithm=a.algorithm, lr=a.lr or default_lr, weight_decay=a.weight_decay, l1=a.l1,
-                 l1_mode=a.l1_mode, epochs=a.epochs, batch_size=a.batch_size if a.batch_size == "auto"
-                 else int(a.batch_size), effective_batch=a.effective_batch, max_length=a.max_length,
+    lr = "auto" if a.lr == "auto" else float(a.lr or default_lr)
+    batch = a.batch_size if not a.batch_size.isdigit() else int(a.batch_size)
+    if isinstance(batch, str) and batch != "auto":
+        RandomBatchSizes.parse(batch)  # a clear error now rather than after loading the model
+    cfg = Config(algorithm=a.algorithm, lr=lr, weight_decay=a.weight_decay, l1=a.l1,
+                 l1_mode=a.l1_mode, epochs=a.epochs, batch_size=batch, effective_batch=a.effective_batch,
+                 max_length=a.max_length, lr_finder_steps=a.lr_finder_steps,
                  schedule=a.schedule, warmup_ratio=a.warmup_ratio, lr_floor=a.lr_floor, gamma=a.gamma,
                  monitor=a.monitor, patience=a.patience, min_delta=a.min_delta, stop_at_loss=a.stop_at_loss,
                  stop_at_accuracy=a.stop_at_accuracy, limit=a.limit, seed=a.seed, device=a.device,

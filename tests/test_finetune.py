@@ -51,3 +51,16 @@ def test_auto_batch_size_is_bounded_by_the_memory_budget():
         finetune.run(tiny(batch_size="auto", memory_budget_mb=0.001, impls=("fused_opt",)))
     report = finetune.run(tiny(batch_size="auto", memory_budget_mb=8000, epochs=1, impls=("fused_opt",)))
     assert 1 <= report["runs"][0]["batch_size"] <= 28  # at most the training set
+
+
+def test_random_batch_sizes_and_lr_range_test(tmp_path):
+    report = finetune.run(tiny(batch_size="random:3:9", lr="auto", lr_finder_steps=30, epochs=1), out=str(tmp_path))
+    finder = report["lr_finder"]
+    assert report["config"]["lr"] == finder["suggestion"] and 1e-7 <= finder["suggestion"] <= 1e-2
+    torch_run, fused_run = report["runs"]
+    assert torch_run["history"]["batch_size"] == fused_run["history"]["batch_size"]  # same seeded draws
+    sizes = fused_run["history"]["batch_size"]
+    assert sum(sizes) == report["sizes"]["train"] and all(3 <= s <= 9 for s in sizes[:-1])
+    assert report["comparison"]["max_train_loss_difference"] < 1e-4
+    assert (tmp_path / "lr_finder.png").read_bytes()[:4] == b"\x89PNG"
+    assert "LR range test" in (tmp_path / "report.md").read_text()

@@ -129,3 +129,62 @@ def test_peak_memory_sees_a_large_temporary_on_cpu():
         x.add_(1)
         del x
     assert mem.peak >= 48 * 2**20
+
+
+def _noisy_quadratic(noise=0.1, seed=3):
+    """0.5 * sum a_i (w_i - noise_i)^2 with fresh noise every step: SGD's classic model problem."""
+    a = torch.linspace(1, 10, 20)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.ones(20))
+    g = torch.Generator().manual_seed(seed)
+
+    def loss(_):
+        return 0.5 * (a * (model.w - noise * torch.randn(20, generator=g)) ** 2).sum()
+
+    def true_loss():
+        return (0.5 * (a * model.w.detach() ** 2).sum()).item()
+
+    return model, loss, true_loss
+
+
+def test_lr_range_test_picks_within_3x_of_the_best_lr_and_restores_state():
+    import itertools
+
+    from fused_opt.training import lr_range_test
+
+    def final_loss(lr, steps=100):
+        model, loss, true_loss = _noisy_quadratic()
+        opt = fused_opt.SGD(model.parameters(), lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss(None).backward()
+            opt.step()
+        value = true_loss()
+        return value if math.isfinite(value) else math.inf
+
+    grid = [10 ** (k / 16) for k in range(-64, 8)]
+    best = min(grid, key=final_loss)
+    model, loss, _ = _noisy_quadratic(seed=7)
+    opt = fused_opt.SGD(model.parameters(), lr=0.5, momentum=0.0)
+    before = model.w.detach().clone()
+    test = lr_range_test(model, opt, loss, itertools.repeat(None), min_lr=1e-4, max_lr=10.0, steps=100)
+    assert best / 3 <= test.suggestion <= best * 3, (test.suggestion, best)
+    assert test.diverged_at is not None and test.diverged_at > test.suggestion
+    assert torch.equal(model.w.detach(), before) and opt.param_groups[0]["lr"] == 0.5
+
+
+def test_random_batch_sizes_stay_in_bounds_and_are_reproducible():
+    from fused_opt.training import RandomBatchSizes
+
+    a, b = RandomBatchSizes.parse("random:3:9", seed=5), RandomBatchSizes(3, 9, seed=5)
+    sizes = [a.draw() for _ in range(500)]
+    assert sizes == [b.draw() for _ in range(500)]
+    assert min(sizes) == 3 and max(sizes) == 9
+    batches = RandomBatchSizes(3, 9, seed=1).split(torch.arange(100))
+    assert torch.equal(torch.cat(batches), torch.arange(100))
+    assert all(3 <= len(x) <= 9 for x in batches[:-1])
+    sgd = RandomBatchSizes(4, 12, lr_power=1.0)
+    assert sgd.lr_factor(4) == 0.5 and sgd.lr_factor(12) == 1.5 and RandomBatchSizes(4, 12).lr_factor(16) == 2 ** 0.5
+    for bad in ("random:0:4", "random:5:4", "rand:1:2", "random:1"):
+        with pytest.raises(ValueError):
+            RandomBatchSizes.parse(bad)
