@@ -52,7 +52,7 @@ class _Group:
         self.lists = [[lst[i] for i in indices] if lst else [] for lst in lists]
         self.write_back: list[tuple[Tensor, Tensor]] = []
         slots = [k for k in range(len(mutable)) if self.lists[k]]
-        # Fast path, the usual case: everything contiguous and real.
+        # Nothing to fix: everything contiguous and real.
         if not dtype.is_complex and all(all(map(Tensor.is_contiguous, self.lists[k])) for k in slots):
             return
         for j in range(len(self.lists[0])):
