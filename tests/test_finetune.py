@@ -50,7 +50,7 @@ def test_auto_batch_size_is_bounded_by_the_memory_budget():
     with pytest.raises(OutOfMemory, match="batch size 1 does not fit"):
         finetune.run(tiny(batch_size="auto", memory_budget_mb=0.001, impls=("fused_opt",)))
     report = finetune.run(tiny(batch_size="auto", memory_budget_mb=8000, epochs=1, impls=("fused_opt",)))
-    assert 1 <= report["runs"][0]["batch_size"] <= 28  # at most the training set
+    assert report["runs"][0]["batch_size"] in range(1, 29)  # at most the training set (28)
 
 
 def test_random_batch_sizes_and_lr_range_test(tmp_path):
