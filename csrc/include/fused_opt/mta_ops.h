@@ -111,6 +111,22 @@ void run(at::TensorList params, at::TensorList grads, std::initializer_list<at::
   });
 }
 
+// Everything an op does once its lists passed check_group: device and guard, scalar tensors, the
+// found_inf early exit, step counters, then the launches. The three ops differ only in their
+// checks and their Family.
+template <typename Runner, typename Family>
+void update(const char* op, at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
+            at::TensorList state_steps, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+            const OptTensor& found_inf, const Family& family) {
+  if (params.empty()) return;
+  const at::Device device = Runner::check_device(op, params);
+  typename Runner::Guard guard(device);
+  const ScalarTensors sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
+  if (sc.skip) return;
+  const Steps steps = advance_steps(state_steps, device, sc, found_inf);
+  run<Runner>(params, grads, states, steps, sc, family);
+}
+
 template <typename Runner>
 struct Ops {
   static void adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -123,14 +139,9 @@ struct Ops {
                 {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
                  {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
                 {"state_steps", state_steps, true});
-    if (params.empty()) return;
-    const at::Device device = Runner::check_device(op, params);
-    typename Runner::Guard guard(device);
-    auto sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
-    if (sc.skip) return;
-    const Steps steps = advance_steps(state_steps, device, sc, found_inf);
     const AdamFamily family{{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}}};
-    run<Runner>(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, sc, family);
+    update<Runner>(op, params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, state_steps, lr, lr_tensor, grad_scale,
+                   found_inf, family);
   }
 
   static void rmsprop(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
@@ -143,14 +154,9 @@ struct Ops {
                 {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
                  {"momentum_buffers", momentum_buffers, momentum > 0.0}},
                 {"state_steps", state_steps, true});
-    if (params.empty()) return;
-    const at::Device device = Runner::check_device(op, params);
-    typename Runner::Guard guard(device);
-    auto sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
-    if (sc.skip) return;
-    const Steps steps = advance_steps(state_steps, device, sc, found_inf);
     const RMSpropFamily family{{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}}};
-    run<Runner>(params, grads, {square_avgs, grad_avgs, momentum_buffers}, steps, sc, family);
+    update<Runner>(op, params, grads, {square_avgs, grad_avgs, momentum_buffers}, state_steps, lr, lr_tensor,
+                   grad_scale, found_inf, family);
   }
 
   static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -160,13 +166,8 @@ struct Ops {
     const char* op = "fused_opt::sgd_";
     check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}},
                 {"state_steps", {}, false});
-    if (params.empty()) return;
-    const at::Device device = Runner::check_device(op, params);
-    typename Runner::Guard guard(device);
-    auto sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
-    if (sc.skip) return;
     const SGDFamily family{{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}}};
-    run<Runner>(params, grads, {momentum_buffers}, Steps{}, sc, family);
+    update<Runner>(op, params, grads, {momentum_buffers}, {}, lr, lr_tensor, grad_scale, found_inf, family);
   }
 };
 
