@@ -40,18 +40,13 @@ def sources(*patterns) -> list:
     return sorted(os.path.relpath(f, ROOT) for p in patterns for f in glob.glob(os.path.join(ROOT, "csrc", p)))
 
 
-def module_macro(name: str) -> list:
-    return [("FUSED_OPT_MODULE", name)]
-
-
 ext_modules = [
     cpp_extension.CppExtension(
-        "fused_opt._C", sources("module.cpp", "cpu/*.cpp"), include_dirs=include_dirs(),
-        define_macros=module_macro("_C"), extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]),
+        "fused_opt._C", sources("cpu/*.cpp"), include_dirs=include_dirs(), extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]),
 ]
 if want_cuda():
     ext_modules.append(cpp_extension.CUDAExtension(
         "fused_opt._C_cuda", sources("module.cpp", "cuda/*.cu"), include_dirs=include_dirs(),
-        define_macros=module_macro("_C_cuda"), extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})

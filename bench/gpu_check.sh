@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the device tool), about 6 minutes: build the CUDA extension with
-# all cores, run the GPU tests (pytest -m cuda), run the GPU roofline benchmark. Everything it
+# One call on a lent GPU machine (the device tool), about 9 minutes: build the CUDA extension with
+# all cores, run the GPU tests (pytest -m cuda: the case table on the CUDA and the Triton kernels),
+# run the GPU roofline benchmark (both backends side by side). Everything it
 # produces lands under $OUT (default ./out): build.log, info.txt, tests.log, bench.log and
 # cuda-h200.json/.md/.png. Commit what comes back under bench/results/ with the date, GPU and versions.
 #   usage (device tool):  bash bench/gpu_check.sh
@@ -22,11 +23,11 @@ python3 -m fused_opt.info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/info.txt" 2>&1
 
 stamp "GPU tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests >"$OUT/tests.log" 2>&1
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests >"$OUT/tests.log" 2>&1
 stamp "tests rc=$? $(tail -n 1 "$OUT/tests.log")"
 
 stamp "GPU benchmark"
-timeout 200 python3 -m fused_opt.cli bench --device cuda --reps 7 --backends cuda --tag h200 --out "$OUT" \
+timeout 240 python3 -m fused_opt.cli bench --device cuda --reps 7 --backends cuda triton --tag h200 --out "$OUT" \
   >"$OUT/bench.log" 2>&1
 stamp "bench rc=$?"
 tail -n 45 "$OUT/bench.log"

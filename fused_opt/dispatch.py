@@ -31,8 +31,10 @@ def _cuda_reason() -> str | None:
     return _extension_reason("fused_opt._C_cuda") or (None if torch.cuda.is_available() else "no CUDA device is visible")
 
 
-def _triton_reason() -> str | None:
-    return "the Triton kernels are not part of this release yet"
+def _triton_device_reason(device: torch.device) -> str | None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "runs on cpu tensors only under TRITON_INTERPRET=1 (Triton's interpreter, for tests)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     unavailable: Callable[[], str | None]  # why it cannot run on this machine at all, or None
     kernel: Callable[[str], Callable]  # family ("adam", "rmsprop", "sgd") -> in-place op
-    auto: bool = True  # considered by "auto"
+    auto_devices: tuple[str, ...] | None = None  # device types "auto" may pick it for (None: all it runs on)
+    device_reason: Callable[[torch.device], str | None] = lambda device: None  # a further condition
 
     def reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this backend cannot update params of this device and dtype (None: it can)."""
@@ -50,19 +53,22 @@ class Backend:
             return f"runs on {'/'.join(self.device_types)} tensors, not {device.type}"
         if dtype not in self.dtypes:
             return f"does not support dtype {dtype}"
-        return self.unavailable()
+        return self.device_reason(device) or self.unavailable()
 
 
-# In priority order for "auto".
+# In priority order for "auto". On a GPU the CUDA extension comes first and Triton serves where
+# it was not built: until both have been measured side by side on a GPU (bench/gpu_check.sh),
+# the C++ kernels, tested longest, are the default.
 BACKENDS = (
     Backend("cuda", ("cuda",), _FLOATS, _cuda_reason, ops.op),
-    Backend("triton", ("cuda",), _FLOATS, _triton_reason, ops.op),
     Backend("cpu", ("cpu",), _FLOATS, lambda: _extension_reason("fused_opt._C"), ops.op),
+    Backend("triton", ("cuda", "cpu"), _FLOATS, ops.triton_reason, ops.triton_op, auto_devices=("cuda",),
+            device_reason=_triton_device_reason),
     Backend("reference", ("cpu", "cuda", "xpu", "mps", "meta"), _FLOATS, lambda: None,
             lambda family: getattr(reference, family + "_")),
     # For tests: the CUDA kernels' traversal run block by block on the CPU (slow, never "auto").
     Backend("cuda_sim", ("cpu",), _FLOATS, lambda: _extension_reason("fused_opt._C"), ops.simulated_cuda_op,
-            auto=False),
+            auto_devices=()),
 )
 _BY_NAME = {b.name: b for b in BACKENDS}
 
@@ -95,7 +101,11 @@ def _select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
 
 
 def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    candidates = [b for b in BACKENDS if b.auto] if name == "auto" else [_BY_NAME[name]]
+    if name == "auto":
+        candidates = [b for b in BACKENDS if device.type in (b.device_types if b.auto_devices is None
+                                                              else b.auto_devices)]
+    else:
+        candidates = [_BY_NAME[name]]
     reasons = {}
     for backend in candidates:
         why = backend.reason(device, dtype)

@@ -109,7 +109,31 @@ def _check_lengths(family: str, names: Sequence[str], lists: Sequence[Sequence],
             raise ValueError(f"fused_opt.functional.{family}: expected {n} tensors in {name}, got {len(lst)}")
 
 
-def _lr_kwargs(lr, device: torch.device) -> dict:
+# The scalar arguments of each family's op (everything but the lists, lr and the AMP tensors).
+
+def adam_options(*, amsgrad: bool, beta1: float, beta2: float, weight_decay: float, eps: float, maximize: bool,
+                 decoupled_weight_decay: bool = False, l1: float = 0.0, l1_mode: str = "subgradient") -> dict:
+    return dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
+                amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                **_l1_kwargs(l1, l1_mode))
+
+
+def rmsprop_options(*, alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
+                    maximize: bool, l1: float = 0.0, l1_mode: str = "subgradient") -> dict:
+    return dict(alpha=float(alpha), eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum),
+                centered=centered, maximize=maximize, **_l1_kwargs(l1, l1_mode))
+
+
+def sgd_options(*, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                l1: float = 0.0, l1_mode: str = "subgradient", first_step: bool = False) -> dict:
+    return dict(weight_decay=float(weight_decay), momentum=float(momentum), dampening=float(dampening),
+                nesterov=nesterov, maximize=maximize, first_step=first_step, **_l1_kwargs(l1, l1_mode))
+
+
+OPTIONS = {"adam": adam_options, "rmsprop": rmsprop_options, "sgd": sgd_options}
+
+
+def lr_kwargs(lr, device: torch.device) -> dict:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -143,14 +167,14 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
     if not first.dtype.is_complex:
         kernel = dispatch.select(backend, first.device, first.dtype).kernel(family)
         try:
-            kernel(*lists, **kwargs, **_lr_kwargs(lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
+            kernel(*lists, **kwargs, **lr_kwargs(lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
             return
         except RuntimeError:
             pass
     for (device, dtype), indices in _groups(params).items():
         kernel = dispatch.select(backend, device, dtype).kernel(family)
         group = _Group(lists, mutable, indices, dtype)
-        kernel(*group.lists, **kwargs, **_lr_kwargs(lr, device), grad_scale=grad_scale, found_inf=found_inf)
+        kernel(*group.lists, **kwargs, **lr_kwargs(lr, device), grad_scale=grad_scale, found_inf=found_inf)
         group.finish()
 
 
@@ -163,9 +187,8 @@ def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     _check_lengths("adam", names, lists, (True, True, True, True, amsgrad, True))
-    kwargs = dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
-                  amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-                  **_l1_kwargs(l1, l1_mode))
+    kwargs = adam_options(amsgrad=amsgrad, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                          maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, l1=l1, l1_mode=l1_mode)
     # state_steps are one-element counters: exempt from the layout fix-up (mutable list is 5 long).
     _run("adam", names, lists, (True, False, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
 
@@ -180,8 +203,8 @@ def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor]
     lists = (params, grads, square_avgs, grad_avgs if centered else [],
              momentum_buffer_list if momentum > 0 else [], state_steps)
     _check_lengths("rmsprop", names, lists, (True, True, True, centered, momentum > 0, True))
-    kwargs = dict(alpha=float(alpha), eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum),
-                  centered=centered, maximize=maximize, **_l1_kwargs(l1, l1_mode))
+    kwargs = rmsprop_options(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                             maximize=maximize, l1=l1, l1_mode=l1_mode)
     _run("rmsprop", names, lists, (True, False, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
 
 
@@ -196,12 +219,11 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
     """
     names = ("params", "d_p_list", "momentum_buffer_list")
     _check_lengths("sgd", names, (params, d_p_list, momentum_buffer_list), (True, True, momentum != 0))
-    kwargs = dict(weight_decay=float(weight_decay), momentum=float(momentum), dampening=float(dampening),
-                  nesterov=nesterov, maximize=maximize, **_l1_kwargs(l1, l1_mode))
+    kwargs = sgd_options(weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                         maximize=maximize, l1=l1, l1_mode=l1_mode)
     mutable = (True, False, True)
     if momentum == 0:
-        _run("sgd", names, (params, d_p_list, []), mutable, dict(kwargs, first_step=False), lr, backend,
-             grad_scale, found_inf)
+        _run("sgd", names, (params, d_p_list, []), mutable, kwargs, lr, backend, grad_scale, found_inf)
         return
     fresh = [i for i, b in enumerate(momentum_buffer_list) if b is None]
     new_buffers = {i: torch.empty_like(d_p_list[i]) for i in fresh}  # torch clones the grad

@@ -35,12 +35,13 @@ SCHEMAS = {
     ),
 }
 
-# cuda_sim_<family>_: the same op run by the CUDA kernels' traversal simulated on the CPU
-# (csrc/cpu/cuda_sim.cpp), so tests can check the CUDA code's chunking and index math anywhere.
-SIMULATED = {f"cuda_sim_{name}": schema for name, schema in SCHEMAS.items()}
+# The same schemas for two more implementations of each family: cuda_sim_<family>_, the CUDA
+# kernels' traversal simulated on the CPU (csrc/cpu/cuda_sim.cpp), so tests can check the CUDA
+# code's chunking and index math anywhere; triton_<family>_, the Triton kernels (fused_opt/triton).
+VARIANTS = {f"{prefix}{name}": schema for prefix in ("cuda_sim_", "triton_") for name, schema in SCHEMAS.items()}
 
 _lib = torch.library.Library("fused_opt", "DEF")  # noqa: TOR901 - schemas are defined once, here
-for _name, _schema in {**SCHEMAS, **SIMULATED}.items():
+for _name, _schema in {**SCHEMAS, **VARIANTS}.items():
     _lib.define(_name + _schema)
 
 
@@ -52,7 +53,7 @@ def _fake(params, *args, **kwargs) -> None:
     return None
 
 
-for _name in {**SCHEMAS, **SIMULATED}:
+for _name in {**SCHEMAS, **VARIANTS}:
     torch.library.register_fake(f"fused_opt::{_name}", _fake, lib=_lib)
 
 # Extension module -> why it could not be loaded (None once loaded).
@@ -82,3 +83,26 @@ def op(family: str):
 def simulated_cuda_op(family: str):
     """The family's op run by the CPU simulation of the CUDA kernels."""
     return getattr(torch.ops.fused_opt, f"cuda_sim_{family}_")
+
+
+def triton_reason() -> str | None:
+    """Imports the Triton backend (registering its kernels); why it cannot, or None."""
+    try:
+        importlib.import_module("fused_opt.triton")
+    except ImportError as e:
+        return f"Triton is not available ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_op(family: str):
+    """The family's op run by the Triton kernels (see triton_reason)."""
+    return getattr(torch.ops.fused_opt, f"triton_{family}_")
+
+
+def library() -> torch.library.Library:
+    return _lib
+
+
+def cpu_module():
+    """The compiled CPU extension (fused_opt._C); load_extensions() says whether it loads."""
+    return importlib.import_module("fused_opt._C")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import dispatch, functional
+from . import dispatch, functional, tables
 
 _EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto"}
 
@@ -71,6 +71,7 @@ class FusedOptimizer(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self._skipped: Tensor | None = None
         self._called = {"step": False}  # see _opt_called
+        self._tables = tables.Tables()
 
     # LR schedulers replace `opt.step` with a wrapper that sets `_opt_called`, unless step says it
     # is wrapped already; that wrapper lives in a file torch.compile does not trace, which would
@@ -84,12 +85,19 @@ class FusedOptimizer(Optimizer):
     def _opt_called(self, value: bool) -> None:
         self._called["step"] = bool(value)
 
+    def __getstate__(self) -> dict:  # pickle and deepcopy: torch's three entries and our options
+        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite, "_skipped": self._skipped}
+
     def __setstate__(self, state: dict) -> None:
         # Also runs at the end of load_state_dict: a torch.optim state_dict has no l1/backend keys.
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in {**self._torch_defaults(), **_EXTRA_DEFAULTS}.items():
                 group.setdefault(key, value)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("_skipped", None)
+        self.__dict__.setdefault("_called", {"step": False})
+        self._tables = tables.Tables()  # tables hold the old tensors: never carried over
 
     @staticmethod
     def _torch_defaults() -> dict:
@@ -155,26 +163,45 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        gathered = []
         for i, group in enumerate(self.param_groups):
             _check_group_finite(i, group)
-            gathered.append(self._grads_of(group))
+        gathered = {}
         found_inf = getattr(self, "found_inf", None)
         if self.skip_nonfinite:  # all groups are checked before any is updated
-            ours = self._nonfinite([g for _, grads in gathered for g in grads])
+            gathered = {id(group): self._grads_of(group) for group in self.param_groups}
+            ours = self._nonfinite([g for _, grads in gathered.values() for g in grads])
             if ours is not None:
                 found_inf = ours if found_inf is None else found_inf + ours.to(found_inf.device)
         amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": found_inf}
-        for group, (params, grads) in zip(self.param_groups, gathered):
+        # Cached group tables (tables.py) in eager mode; torch.compile traces the ops instead.
+        fast = not torch.compiler.is_compiling() and tables.available()
+        if fast:
+            self._tables.begin(self.state)
+        for group in self.param_groups:
+            options = self._options(group)
+            if fast and self._tables.run(self.family, group, options, amp):
+                continue
+            params, grads = gathered[id(group)] if gathered else self._grads_of(group)
             if params:
-                common = dict(lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                              l1=group["l1"], l1_mode=group["l1_mode"], backend=group["backend"], **amp)
-                self._update(group, params, grads, common)
+                self._update(group, params, grads, dict(options, lr=group["lr"], backend=group["backend"], **amp))
+                if fast:
+                    self._tables.learn(self.family, group, params, self.state, *self._state_keys(group))
+        if fast:
+            self._tables.end(self.state)
         return loss
 
     step._wrapped_by_lr_sched = True  # see _opt_called
 
-    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], common: dict) -> None:
+    def _options(self, group: dict) -> dict:
+        """The group's hyperparameters as the functional API's keyword arguments (but lr)."""
+        return dict(weight_decay=group["weight_decay"], maximize=group["maximize"], l1=group["l1"],
+                    l1_mode=group["l1_mode"])
+
+    def _state_keys(self, group: dict) -> tuple[tuple[str | None, str | None, str | None], str | None]:
+        """The state keys of the kernels' slots 2, 3, 4 (None: unused) and of the step counter."""
+        raise NotImplementedError
+
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], kwargs: dict) -> None:
         raise NotImplementedError
 
 
@@ -204,7 +231,7 @@ class Adam(FusedOptimizer):
         return {**FusedOptimizer._torch_defaults(), "amsgrad": False, "capturable": False, "fused": None,
                 "decoupled_weight_decay": False}
 
-    def _update(self, group, params, grads, common):
+    def _update(self, group, params, grads, kwargs):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
         all_state = self.state
         for p in params:
@@ -220,10 +247,15 @@ class Adam(FusedOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        functional.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs)
+
+    def _options(self, group):
         beta1, beta2 = group["betas"]
-        functional.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad=group["amsgrad"],
-                        beta1=beta1, beta2=beta2, eps=group["eps"],
-                        decoupled_weight_decay=group["decoupled_weight_decay"], **common)
+        return dict(super()._options(group), amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    def _state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None), "step"
 
 
 class AdamW(Adam):
@@ -269,7 +301,7 @@ class RMSprop(FusedOptimizer):
     def _torch_defaults() -> dict:
         return {**FusedOptimizer._torch_defaults(), "momentum": 0, "centered": False, "capturable": False}
 
-    def _update(self, group, params, grads, common):
+    def _update(self, group, params, grads, kwargs):
         square_avgs, grad_avgs, momentum_buffers, steps = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -286,8 +318,15 @@ class RMSprop(FusedOptimizer):
                 grad_avgs.append(state["grad_avg"])
             square_avgs.append(state["square_avg"])
             steps.append(state["step"])
-        functional.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, alpha=group["alpha"],
-                           eps=group["eps"], momentum=group["momentum"], centered=group["centered"], **common)
+        functional.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, **kwargs)
+
+    def _options(self, group):
+        return dict(super()._options(group), alpha=group["alpha"], eps=group["eps"], momentum=group["momentum"],
+                    centered=group["centered"])
+
+    def _state_keys(self, group):
+        return ("square_avg", "grad_avg" if group["centered"] else None,
+                "momentum_buffer" if group["momentum"] > 0 else None), "step"
 
 
 class SGD(FusedOptimizer):
@@ -314,11 +353,16 @@ class SGD(FusedOptimizer):
     def _torch_defaults() -> dict:
         return {**FusedOptimizer._torch_defaults(), "nesterov": False, "fused": False}
 
-    def _update(self, group, params, grads, common):
-        momentum = group["momentum"]
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-        functional.sgd(params, grads, buffers, momentum=momentum, dampening=group["dampening"],
-                       nesterov=group["nesterov"], **common)
+    def _update(self, group, params, grads, kwargs):
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
+        functional.sgd(params, grads, buffers, **kwargs)
         for p, buf in zip(params, buffers):
             if buf is not None:
                 self.state[p]["momentum_buffer"] = buf
+
+    def _options(self, group):
+        return dict(super()._options(group), momentum=group["momentum"], dampening=group["dampening"],
+                    nesterov=group["nesterov"])
+
+    def _state_keys(self, group):
+        return ("momentum_buffer" if group["momentum"] != 0 else None, None, None), None

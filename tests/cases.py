@@ -7,6 +7,7 @@ like `adam-amsgrad-l1prox-bf16-mixed-cpu`.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -83,22 +84,23 @@ class Case:
     dtype: str
     layout: str
     backend: str
+    device: str = "cpu"
     kwargs: dict = field(hash=False, compare=False, default_factory=dict)
 
     @property
     def id(self) -> str:
-        return f"{self.algo}-{self.option}-{self.reg}-{self.dtype}-{self.layout}-{self.backend}"
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.backend == "cuda" else "cpu"
+        where = f"-{self.device}" if self.device != self.backend and self.device != "cpu" else ""
+        return f"{self.algo}-{self.option}-{self.reg}-{self.dtype}-{self.layout}-{self.backend}{where}"
 
     @property
     def marks(self):
-        """GPU cases carry the `cuda` mark and are skipped only when no GPU is present."""
-        if self.device != "cuda":
-            return ()
-        return (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+        """GPU cases carry the `cuda` mark and are skipped only when no GPU is present; Triton on
+        the CPU needs Triton's interpreter (conftest.py turns it on when there is no GPU)."""
+        if self.device == "cuda":
+            return (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+        if self.backend == "triton":
+            return (pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"),)
+        return ()
 
     @property
     def fused_cls(self):
@@ -116,25 +118,37 @@ class Case:
         return {k: v for k, v in self.kwargs.items() if k not in ("l1", "l1_mode")}
 
 
-def _case(algo, option, reg, dtype, layout, backend) -> Case:
+def _case(algo, option, reg, dtype, layout, backend, device="cpu") -> Case:
     base, variants = ALGORITHMS[algo][2], ALGORITHMS[algo][3]
     kwargs = {**base, **variants[option], **REGULARISATION[reg]}
     if option == "decoupled" and reg in ("none", "l1sub", "l1prox"):
         kwargs["weight_decay"] = 0.1  # decoupled decay needs a decay to mean anything
-    return Case(algo, option, reg, dtype, layout, backend, kwargs)
+    return Case(algo, option, reg, dtype, layout, backend, device, kwargs)
 
 
-def build_cases(backends=("cpu", "reference", "cuda_sim")) -> list[Case]:
+def build_cases(backends=("cpu", "reference", "cuda_sim"), device="cpu", dtypes=tuple(DTYPES)) -> list[Case]:
     cases = []
     for algo, (_, _, _, variants) in ALGORITHMS.items():
-        for option, reg, dtype, backend in itertools.product(variants, REGULARISATION, DTYPES, backends):
-            cases.append(_case(algo, option, reg, dtype, "mixed", backend))
+        for option, reg, dtype, backend in itertools.product(variants, REGULARISATION, dtypes, backends):
+            cases.append(_case(algo, option, reg, dtype, "mixed", backend, device))
         # Large odd-sized tensors: several chunks per tensor, SIMD body plus tail.
         for option, reg, backend in itertools.product(variants, ("none", "elastic"), backends):
-            cases.append(_case(algo, option, reg, "f32", "n278011", backend))
+            cases.append(_case(algo, option, reg, "f32", "n278011", backend, device))
         for dtype, backend in itertools.product(("bf16", "f64"), backends[:1]):
-            cases.append(_case(algo, "plain" if algo != "sgd" else "momentum", "elastic", dtype, "n278011", backend))
+            cases.append(_case(algo, "plain" if algo != "sgd" else "momentum", "elastic", dtype, "n278011", backend,
+                               device))
     return cases
 
 
-CASES = build_cases() + build_cases(backends=("cuda",))
+def triton_interpreter_cases() -> list[Case]:
+    """Triton's interpreter is slow (numpy, block by block): every option and regularisation in
+    float32, the 16-bit and float64 paths with and without regularisation, and one large odd size
+    per family (several blocks, masked tail). On a GPU the whole table runs (device="cuda")."""
+    keep = {"f32": set(REGULARISATION), "bf16": {"none", "elastic"}, "f64": {"none", "elastic"}, "f16": {"l1sub"}}
+    cases = [c for c in build_cases(("triton",)) if c.layout == "mixed" and c.reg in keep[c.dtype]]
+    for algo, option in (("adam", "amsgrad"), ("rmsprop", "centered_momentum_max"), ("sgd", "nesterov")):
+        cases.append(_case(algo, option, "elastic", "f32", "n12289", "triton"))  # 3 blocks + 1
+    return cases
+
+
+CASES = build_cases() + triton_interpreter_cases() + build_cases(backends=("cuda", "triton"), device="cuda")

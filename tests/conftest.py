@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
-import fused_opt
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before they
+# are defined (fused_opt imports them lazily, after this).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fused_opt  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import fused_opt  # noqa: F401
+import fused_opt
 
 
 def _lists(n, size, dtype=torch.float32):
@@ -21,7 +23,7 @@ def _adam_args(amsgrad):
 
 
 def _rmsprop_args():
-    args = (_lists(2, 9), _lists(2, 9), [t.abs() for t in _lists(2, 9)], _lists(2, 9), _lists(2, 9),
+    args = (_lists(2, 9), _lists(2, 9), [t.abs() for t in _lists(2, 9)], [t * 0 for t in _lists(2, 9)], _lists(2, 9),
             [torch.tensor(1.0), torch.tensor(1.0)])
     return args, dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True,
                       l1=0.01, l1_proximal=False)
@@ -37,12 +39,29 @@ SAMPLES = {"adam": lambda: _adam_args(False), "adam_amsgrad": lambda: _adam_args
            "rmsprop": _rmsprop_args, "sgd": _sgd_args}
 
 
-@pytest.mark.parametrize("prefix", ["", "cuda_sim_"])
+def _to(device, value):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(device, v) for v in value)
+    return value
+
+
+INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+GPU = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+VARIANTS = [pytest.param("", "cpu", id="cpu"), pytest.param("cuda_sim_", "cpu", id="cuda_sim"),
+            pytest.param("triton_", "cpu", id="triton-interpreter", marks=INTERPRETER),
+            pytest.param("", "cuda", id="cuda", marks=GPU), pytest.param("triton_", "cuda", id="triton-cuda", marks=GPU)]
+
+
+@pytest.mark.parametrize("prefix,device", VARIANTS)
 @pytest.mark.parametrize("sample", SAMPLES)
-def test_opcheck(sample, prefix):
+def test_opcheck(sample, prefix, device):
+    if prefix == "triton_":
+        assert fused_opt.ops.triton_reason() is None
     args, kwargs = SAMPLES[sample]()
     op = getattr(torch.ops.fused_opt, prefix + sample.split("_")[0] + "_")
-    torch.library.opcheck(op, args, kwargs)
+    torch.library.opcheck(op, _to(device, args), _to(device, kwargs))
 
 
 def test_op_updates_in_place_once_per_call():

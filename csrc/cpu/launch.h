@@ -3,9 +3,11 @@
 // compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include <array>
+#include <optional>
 #include <cstdint>
 #include <vector>
 
@@ -46,5 +48,32 @@ struct Launch {
 
 FUSED_OPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSED_OPT_DECLARE_CPU_KERNELS(AVX2)
+
+// Host helpers shared by the ops (ops_cpu.cpp) and the cached group tables (tables.cpp);
+// defined in host.cpp.
+
+// Elements per unit of work handed to a thread: big enough to amortise the hand-out, small enough
+// that many small tensors and a few huge ones spread evenly.
+constexpr int64_t kChunk = 1 << 15;
+
+// Appends one tensor (its slot pointers and size) and its chunks to a launch.
+void add_tensor(Launch& launch, const std::array<void*, kSlots>& ptr, int64_t numel);
+
+// The per-step scalars as host values; `skip` when found_inf says this step must not happen.
+struct StepScalars {
+  double lr = 0.0;
+  double inv_grad_scale = 1.0;
+  bool skip = false;
+};
+StepScalars read_scalars(double lr, const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+// Adds one to each (CPU, float32/float64, already checked) step counter; returns the new values.
+std::vector<double> advance_steps(at::TensorList steps);
+
+// The kernels of the best capability this CPU has (AVX2+FMA or the generic ones).
+void adam(const Launch& launch, const AdamOptions& o);
+void rmsprop(const Launch& launch, const RMSpropOptions& o);
+void sgd(const Launch& launch, const SGDOptions& o);
 
 }  // namespace fused_opt::cpu

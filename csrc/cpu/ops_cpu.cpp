@@ -4,8 +4,6 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 
 #include "fused_opt/checks.h"
@@ -16,47 +14,16 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Elements per unit of work handed to a thread: big enough to amortise the hand-out, small enough
-// that many small tensors and a few huge ones spread evenly.
-constexpr int64_t kChunk = 1 << 15;
-
-bool use_avx2() {
-  static const bool yes = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");  // torch's own override
-    if (forced && std::strcmp(forced, "default") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return yes;
-}
-
-// Adds one to each step counter and returns the new values (the step this update performs).
-// (check_step_devices has vouched for every counter, so nothing here can fail half-way.)
-std::vector<double> advance_steps(at::TensorList steps) {
-  std::vector<double> out;
-  out.reserve(steps.size());
-  for (const at::Tensor& s : steps) {
-    if (s.scalar_type() == at::kFloat) {
-      out.push_back(*s.data_ptr<float>() += 1.0f);
-    } else {
-      out.push_back(*s.data_ptr<double>() += 1.0);
-    }
-  }
-  return out;
-}
-
-// Returns nullopt when found_inf says this step must be skipped.
+// Packs the lists into a launch; nullopt when found_inf says this step must be skipped.
 std::optional<Launch> make_launch(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
                                   double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                                   const OptTensor& found_inf) {
-  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return std::nullopt;
+  const StepScalars scalars = read_scalars(lr, lr_tensor, grad_scale, found_inf);
+  if (scalars.skip) return std::nullopt;
   Launch launch;
   launch.dtype = params.empty() ? at::kFloat : params[0].scalar_type();
-  launch.lr = lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
-  if (grad_scale.has_value()) launch.inv_grad_scale = 1.0 / grad_scale->item<double>();
+  launch.lr = scalars.lr;
+  launch.inv_grad_scale = scalars.inv_grad_scale;
   launch.tensors.reserve(params.size());
   launch.slot_mask = 0b11;
   int bit = 2;
@@ -65,19 +32,12 @@ std::optional<Launch> make_launch(at::TensorList params, at::TensorList grads, s
     ++bit;
   }
   for (size_t i = 0; i < params.size(); ++i) {
-    TensorJob job{};
-    job.ptr[0] = params[i].data_ptr();
-    job.ptr[1] = grads[i].data_ptr();
+    std::array<void*, kSlots> ptr{params[i].data_ptr(), grads[i].data_ptr()};
     int slot = 2;
     for (at::TensorList list : states) {
-      job.ptr[slot++] = list.empty() ? nullptr : list[i].data_ptr();
+      ptr[slot++] = list.empty() ? nullptr : list[i].data_ptr();
     }
-    job.numel = params[i].numel();
-    for (int64_t b = 0; b < job.numel; b += kChunk) {
-      launch.chunks.push_back({static_cast<int32_t>(i), b, std::min(job.numel, b + kChunk)});
-    }
-    launch.total_numel += job.numel;
-    launch.tensors.push_back(job);
+    add_tensor(launch, ptr, params[i].numel());
   }
   return launch;
 }
@@ -112,7 +72,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   const std::vector<double> steps = advance_steps(state_steps);
   for (size_t i = 0; i < steps.size(); ++i) launch->tensors[i].step = steps[i];
   const AdamOptions o{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}};
-  use_avx2() ? AVX2::adam(*launch, o) : DEFAULT::adam(*launch, o);
+  adam(*launch, o);
 }
 
 void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
@@ -130,7 +90,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
   if (!launch) return;
   advance_steps(state_steps);
   const RMSpropOptions o{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}};
-  use_avx2() ? AVX2::rmsprop(*launch, o) : DEFAULT::rmsprop(*launch, o);
+  rmsprop(*launch, o);
 }
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -144,7 +104,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   auto launch = make_launch(params, grads, {momentum_buffers}, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
   const SGDOptions o{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}};
-  use_avx2() ? AVX2::sgd(*launch, o) : DEFAULT::sgd(*launch, o);
+  sgd(*launch, o);
 }
 
 }  // namespace

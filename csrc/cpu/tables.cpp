@@ -1,0 +1,283 @@
+// Cached group tables: the eager fast path of the optimizers for CPU params (fused_opt/tables.py).
+//
+// A step through the ops converts every tensor of every list at the dispatcher and checks it again
+// (~0.2 us a tensor: most of a step for thousands of small tensors). A GroupTable remembers one
+// param group's tensors and the packed launch over them; each step it gets only the group's param
+// list and reads the grads itself. Before writing anything it checks that nothing it remembers has
+// changed: the same param objects with grads, in the same order; in each param's state dict the
+// same tensor objects; every tensor still with the storage, size, dtype and layout it was packed
+// with; grads that fit their params. If anything differs it declines (returns false) and the
+// optimizer takes the ordinary path, which rebuilds the table. StateSnapshot covers the one thing a
+// table cannot see cheaply: entries of optimizer.state added, removed or replaced.
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "launch.h"
+
+namespace fused_opt::cpu {
+namespace {
+
+namespace py = pybind11;
+using OptTensor = std::optional<at::Tensor>;
+
+// The optimizer's state dict as (param, per-param dict) pairs in order, holding references so
+// that no object can be freed and its address reused by another.
+class StateSnapshot {
+ public:
+  explicit StateSnapshot(const py::dict& state) : state_(state) {
+    for (auto item : state) {
+      items_.emplace_back(py::reinterpret_borrow<py::object>(item.first), py::reinterpret_borrow<py::object>(item.second));
+    }
+  }
+
+  bool matches(const py::handle& state) const {
+    if (state.ptr() != state_.ptr() || PyDict_Size(state.ptr()) != static_cast<Py_ssize_t>(items_.size())) return false;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    for (const auto& [k, v] : items_) {
+      if (!PyDict_Next(state.ptr(), &pos, &key, &value) || key != k.ptr() || value != v.ptr()) return false;
+    }
+    return true;
+  }
+
+ private:
+  py::object state_;
+  std::vector<std::pair<py::object, py::object>> items_;
+};
+
+bool is_float_type(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A plain dense CPU tensor whose memory the kernels may read and write as a flat array.
+bool plain_cpu(const at::Tensor& t) {
+  return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.has_storage() &&
+         !t.unsafeGetTensorImpl()->is_python_dispatch() && !t.is_neg() && !t.is_conj() && t.is_contiguous();
+}
+
+// The tensor behind a Python object that is exactly a torch.Tensor or nn.Parameter (no subclass).
+const at::Tensor* exact_tensor(PyObject* obj) {
+  return obj != nullptr && THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
+}
+
+enum class Family { Adam, RMSprop, SGD };
+
+Family parse_family(const std::string& name) {
+  if (name == "adam") return Family::Adam;
+  if (name == "rmsprop") return Family::RMSprop;
+  if (name == "sgd") return Family::SGD;
+  throw std::invalid_argument("unknown family " + name);
+}
+
+class GroupTable {
+ public:
+  // params: the group's params that have grads, in group order; states: their per-param state
+  // dicts (None for a stateless SGD); keys: the state key of slots 2, 3, 4 (None where the slot is unused); step_key: the
+  // step counter's key (None for SGD). Throws ValueError (nothing is cached) if any of it is
+  // unfit for the fast path.
+  GroupTable(const std::string& family, const py::list& params, const py::list& states,
+             const std::vector<std::optional<std::string>>& keys, const std::optional<std::string>& step_key)
+      : family_(parse_family(family)) {
+    if (keys.size() != kSlots - 2 || states.size() != params.size()) throw std::invalid_argument("bad table layout");
+    launch_.slot_mask = 0b11;
+    for (size_t k = 0; k < keys.size(); ++k) {
+      if (keys[k]) {
+        keys_[k + 2] = py::reinterpret_steal<py::object>(PyUnicode_InternFromString(keys[k]->c_str()));
+        launch_.slot_mask |= 1 << (k + 2);
+      }
+    }
+    if (step_key) step_key_ = py::reinterpret_steal<py::object>(PyUnicode_InternFromString(step_key->c_str()));
+    const bool stateful = launch_.slot_mask != 0b11 || step_key_;
+    const size_t n = params.size();
+    entries_.reserve(n);
+    launch_.tensors.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      Entry e;
+      e.obj[0] = py::reinterpret_borrow<py::object>(params[i]);
+      const at::Tensor* p = exact_tensor(e.obj[0].ptr());
+      if (!p || !plain_cpu(*p) || !is_float_type(p->scalar_type())) throw std::invalid_argument("param is not a plain dense CPU float tensor");
+      if (i == 0) launch_.dtype = p->scalar_type();
+      if (p->scalar_type() != launch_.dtype) throw std::invalid_argument("params differ in dtype");
+      e.tensor[0] = *p;
+      e.state = py::reinterpret_borrow<py::object>(states[i]);
+      if (stateful && !PyDict_Check(e.state.ptr())) throw std::invalid_argument("state is not a dict");
+      std::array<void*, kSlots> ptr{p->data_ptr()};
+      for (int k = 2; k < kSlots; ++k) {
+        if (!keys_[k]) continue;
+        e.obj[k] = py::reinterpret_borrow<py::object>(PyDict_GetItem(e.state.ptr(), keys_[k].ptr()));
+        const at::Tensor* t = exact_tensor(e.obj[k].ptr());
+        if (!t || !plain_cpu(*t) || t->scalar_type() != launch_.dtype || t->sizes() != p->sizes()) {
+          throw std::invalid_argument("state tensor does not fit its param");
+        }
+        e.tensor[k] = *t;
+        ptr[k] = t->data_ptr();
+      }
+      if (step_key_) {
+        e.step_obj = py::reinterpret_borrow<py::object>(PyDict_GetItem(e.state.ptr(), step_key_.ptr()));
+        const at::Tensor* s = exact_tensor(e.step_obj.ptr());
+        if (!s || !plain_cpu(*s) || s->numel() != 1 || (s->scalar_type() != at::kFloat && s->scalar_type() != at::kDouble)) {
+          throw std::invalid_argument("step counter is not a one-element float CPU tensor");
+        }
+        e.step = *s;
+        e.step_ptr = s->const_data_ptr();
+        steps_.push_back(*s);
+      }
+      add_tensor(launch_, ptr, p->numel());
+      entries_.push_back(std::move(e));
+    }
+  }
+
+  bool adam(const py::handle& params, double lr, double beta1, double beta2, double weight_decay, double eps,
+            bool amsgrad, bool maximize, bool decoupled_weight_decay, double l1, bool l1_proximal,
+            const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
+    if (family_ != Family::Adam || launch_.slot_mask != (amsgrad ? 0b11111 : 0b01111)) return false;
+    const AdamOptions o{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}};
+    return run(params, lr, lr_tensor, grad_scale, found_inf, [&] { cpu::adam(launch_, o); });
+  }
+
+  bool rmsprop(const py::handle& params, double lr, double alpha, double eps, double weight_decay, double momentum,
+               bool centered, bool maximize, double l1, bool l1_proximal, const OptTensor& lr_tensor,
+               const OptTensor& grad_scale, const OptTensor& found_inf) {
+    const int mask = 0b111 | (centered ? 0b1000 : 0) | (momentum > 0.0 ? 0b10000 : 0);
+    if (family_ != Family::RMSprop || launch_.slot_mask != mask) return false;
+    const RMSpropOptions o{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}};
+    return run(params, lr, lr_tensor, grad_scale, found_inf, [&] { cpu::rmsprop(launch_, o); });
+  }
+
+  bool sgd(const py::handle& params, double lr, double weight_decay, double momentum, double dampening, bool nesterov,
+           bool maximize, bool first_step, double l1, bool l1_proximal, const OptTensor& lr_tensor,
+           const OptTensor& grad_scale, const OptTensor& found_inf) {
+    if (family_ != Family::SGD || first_step || launch_.slot_mask != (momentum != 0.0 ? 0b111 : 0b11)) return false;
+    const SGDOptions o{momentum, dampening, nesterov, false, {maximize, weight_decay, false, l1, l1_proximal}};
+    return run(params, lr, lr_tensor, grad_scale, found_inf, [&] { cpu::sgd(launch_, o); });
+  }
+
+  size_t size() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    std::array<py::object, kSlots> obj;  // the Python objects of the param (0) and state tensors (2..)
+    std::array<at::Tensor, kSlots> tensor;
+    py::object state;  // the param's state dict
+    py::object step_obj;
+    at::Tensor step;
+    const void* step_ptr = nullptr;
+  };
+
+  template <typename Kernel>
+  bool run(const py::handle& params, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+           const OptTensor& found_inf, const Kernel& kernel) {
+    for (const OptTensor* t : {&lr_tensor, &grad_scale, &found_inf}) {
+      if (t->has_value() && (!(*t)->defined() || (*t)->numel() != 1)) return false;  // the op says why
+    }
+    std::vector<at::Tensor> grads(entries_.size());  // held until the kernel is done
+    if (!PyList_Check(params.ptr()) || !collect_grads(params.ptr(), grads) || !unchanged(grads)) return false;
+    const StepScalars s = read_scalars(lr, lr_tensor, grad_scale, found_inf);
+    if (s.skip) return true;
+    const std::vector<double> steps = advance_steps(steps_);
+    for (size_t i = 0; i < steps.size(); ++i) launch_.tensors[i].step = steps[i];
+    launch_.lr = s.lr;
+    launch_.inv_grad_scale = s.inv_grad_scale;
+    py::gil_scoped_release no_gil;
+    kernel();
+    return true;
+  }
+
+  static c10::TensorImpl* impl(const at::Tensor& t) { return t.unsafeGetTensorImpl(); }
+
+  // The grads of the group's params, in order: the params with grads must be exactly the ones
+  // packed (identity of the Python objects), and each of those must still have one.
+  bool collect_grads(PyObject* list, std::vector<at::Tensor>& grads) const {
+    const size_t n = entries_.size();
+    size_t j = 0;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(list); ++k) {
+      PyObject* obj = PyList_GET_ITEM(list, k);
+      if (j < n && obj == entries_[j].obj[0].ptr()) {
+        grads[j] = impl(entries_[j].tensor[0])->grad();
+        if (!grads[j++].defined()) return false;
+      } else if (!THPVariable_Check(obj) || THPVariable_Unpack(obj).unsafeGetTensorImpl()->grad().defined()) {
+        return false;  // a param that was not packed now has a grad
+      }
+    }
+    return j == n;
+  }
+
+  // A packed tensor still has the memory, size, dtype and layout it was packed with.
+  static bool same_memory(const at::Tensor& t, const void* ptr, int64_t numel, c10::ScalarType dtype) {
+    return plain_cpu(t) && t.scalar_type() == dtype && t.numel() == numel && t.const_data_ptr() == ptr;
+  }
+
+  // Checks each grad against its param and everything the table remembers; puts the grads into
+  // the launch.
+  bool unchanged(const std::vector<at::Tensor>& grads) {
+    const c10::ScalarType dtype = launch_.dtype;
+    const size_t n = entries_.size();
+    for (size_t i = 0; i < n; ++i) {
+      const Entry& e = entries_[i];
+      TensorJob& job = launch_.tensors[i];
+      const at::Tensor& g = grads[i];
+      if (!same_memory(e.tensor[0], job.ptr[0], job.numel, dtype)) return false;
+      if (!plain_cpu(g) || g.scalar_type() != dtype || g.sizes() != e.tensor[0].sizes()) return false;
+      job.ptr[1] = g.data_ptr();
+      for (int k = 2; k < kSlots; ++k) {
+        if (!keys_[k]) continue;
+        if (PyDict_GetItem(e.state.ptr(), keys_[k].ptr()) != e.obj[k].ptr()) return false;
+        if (!same_memory(e.tensor[k], job.ptr[k], job.numel, dtype)) return false;
+      }
+      if (step_key_) {
+        if (PyDict_GetItem(e.state.ptr(), step_key_.ptr()) != e.step_obj.ptr()) return false;
+        if (!plain_cpu(e.step) || e.step.numel() != 1 || e.step.const_data_ptr() != e.step_ptr) return false;
+      }
+    }
+    return true;
+  }
+
+  Family family_;
+  std::array<py::object, kSlots> keys_;  // interned state keys of slots 2.. (null: unused)
+  py::object step_key_;
+  std::vector<Entry> entries_;
+  std::vector<at::Tensor> steps_;
+  Launch launch_;
+};
+
+}  // namespace
+
+void bind_tables(py::module_& m) {
+  py::class_<StateSnapshot>(m, "StateSnapshot")
+      .def(py::init<const py::dict&>(), py::arg("state"))
+      .def("matches", &StateSnapshot::matches, py::arg("state"));
+  const auto scalars = [](auto&& cls, const char* name, auto fn, auto... args) {
+    cls.def(name, fn, py::arg("params"), py::kw_only(), args..., py::arg("lr_tensor") = py::none(),
+            py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+  };
+  py::class_<GroupTable> table(m, "GroupTable");
+  table.def(py::init<const std::string&, const py::list&, const py::list&, const std::vector<std::optional<std::string>>&,
+                     const std::optional<std::string>&>(),
+            py::arg("family"), py::arg("params"), py::arg("states"), py::arg("keys"), py::arg("step_key"))
+      .def("__len__", &GroupTable::size);
+  scalars(table, "adam", &GroupTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
+          py::arg("eps"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"), py::arg("l1"),
+          py::arg("l1_proximal"));
+  scalars(table, "rmsprop", &GroupTable::rmsprop, py::arg("lr"), py::arg("alpha"), py::arg("eps"),
+          py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"), py::arg("l1"),
+          py::arg("l1_proximal"));
+  scalars(table, "sgd", &GroupTable::sgd, py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"),
+          py::arg("dampening"), py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"), py::arg("l1"),
+          py::arg("l1_proximal"));
+}
+
+}  // namespace fused_opt::cpu
+
+namespace fused_opt::cpu {
+void bind_pack(py::module_& m);  // pack.cpp
+}
+
+// The CPU extension module: loading it registers the CPU kernels of the ops (ops_cpu.cpp,
+// cuda_sim.cpp) and provides the group tables and the Triton backend's packing (pack.cpp).
+PYBIND11_MODULE(_C, m) {
+  fused_opt::cpu::bind_tables(m);
+  fused_opt::cpu::bind_pack(m);
+}

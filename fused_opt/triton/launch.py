@@ -1,0 +1,270 @@
+"""Host side of the Triton kernels: the implementations of fused_opt::triton_adam_, triton_rmsprop_
+and triton_sgd_ (schemas in fused_opt/ops.py), for CUDA tensors and, under TRITON_INTERPRET=1,
+CPU tensors (how the tests run them without a GPU).
+
+Per call: check every input before anything is written (the C++ ops' checks, csrc/include/
+fused_opt/checks.h, run by the CPU extension when it is built; else the same in Python), advance
+the step counters, compute the scalars in float64
+(the same values the C++ kernels use), and launch one kernel over all tensors. The pointer table
+and block map depend only on where the params and states live and how big they are, so they are
+kept (a few per process, least recently used dropped) and reused while those addresses and sizes
+are unchanged; only the grads' row is rewritten each call.
+
+Block size: 2048 elements a program on a GPU (16 float32 a thread at 4 warps: four 16-byte
+loads per slot), 4096 under the interpreter (fewer, larger numpy steps). Not yet tuned on a
+GPU; autotuning is left out on purpose, as it would rerun an in-place update.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import ops
+from . import kernels
+
+BLOCK = {"cuda": 2048, "cpu": 4096}
+NUM_WARPS = 4
+SLOTS = 5  # param, grad, up to three states (csrc/cpu/launch.h)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+              torch.bfloat16: tl.bfloat16}
+_MAX_PLANS = 8
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class _Plan:
+    table: Tensor  # int64 [SLOTS, n] on the device; row 1 (grads) is rewritten by each call
+    numels: Tensor
+    block_tensor: Tensor
+    block_start: Tensor
+    blocks: int
+
+
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _plan(table: Tensor, numels: Tensor, device: torch.device, block: int) -> _Plan:
+    """The cached device pointer table and block map for this pointer table (int64 [SLOTS, n] on
+    the CPU) and these numels; the grads' row does not count."""
+    key = (device, block, table[[0, 2, 3, 4]].numpy().tobytes(), numels.numpy().tobytes())
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    blocks_per = (numels + block - 1) // block
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks_per)
+    first = torch.cumsum(blocks_per, 0) - blocks_per  # index of each tensor's first block
+    block_start = (torch.arange(len(block_tensor)) - first.repeat_interleave(blocks_per)) * block
+    plan = _Plan(table.to(device), numels.to(device), block_tensor.to(device), block_start.to(device),
+                 len(block_tensor))
+    _PLANS[key] = plan
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _pack(op: str, params, grads, states: list[tuple[str, list, bool]], steps: tuple[str, list, bool]):
+    """Checks every input before anything is written (the C++ ops' checks, run by the CPU
+    extension when it is built) and returns the pointer table (int64 [SLOTS, n], CPU; rows in
+    slot order, 0 for an unused state) and the numels."""
+    states = states + [("", [], False)] * (3 - len(states))
+    if ops.load_extensions()["fused_opt._C"] is None:
+        return ops.cpu_module().pack_group(op, params, grads, [lst for _, lst, _ in states],
+                                           [used for _, _, used in states], [name for name, _, _ in states],
+                                           steps[1], steps[2])
+    _check(op, params, grads, states, steps)
+    n = len(params)
+    rows = [params, grads] + [lst if used else [] for _, lst, used in states]
+    table = torch.tensor([[t.data_ptr() for t in lst] if lst else [0] * n for lst in rows], dtype=torch.int64)
+    return table.reshape(SLOTS, n), torch.tensor([p.numel() for p in params], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- input checks (as checks.h)
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s > 1)
+
+
+def _is_dense(t: Tensor) -> bool:
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_like_param(op: str, name: str, i: int, t: Tensor, p: Tensor) -> None:
+    if t.layout != torch.strided:
+        raise RuntimeError(f"{op}: {name}[{i}] must be a dense tensor, got layout {t.layout}")
+    if t.device != p.device:
+        raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but its param is on {p.device}")
+    if t.dtype != p.dtype:
+        raise RuntimeError(f"{op}: {name}[{i}] has dtype {t.dtype} but its param has dtype {p.dtype}")
+    if not _same_layout(t, p):
+        raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()} but its param "
+                           f"has shape {tuple(p.shape)} and strides {p.stride()}")
+
+
+def _check(op: str, params, grads, states: list[tuple[str, list, bool]], steps: tuple[str, list, bool]) -> None:
+    n = len(params)
+    if len(grads) != n:
+        raise RuntimeError(f"{op}: expected {n} grads (one per param), got {len(grads)}")
+    for name, lst, used in [*states, steps]:
+        if len(lst) != (n if used else 0):
+            raise RuntimeError(f"{op}: expected {n if used else 0} tensors in {name}, got {len(lst)}")
+    if n == 0:
+        return
+    first = params[0]
+    if first.dtype not in _TL_DTYPES:
+        raise RuntimeError(f"{op}: params must be float32, float64, float16 or bfloat16, got {first.dtype}")
+    for i, p in enumerate(params):
+        if p.layout != torch.strided:
+            raise RuntimeError(f"{op}: params[{i}] must be a dense tensor, got layout {p.layout}")
+        if p.device != first.device or p.dtype != first.dtype:
+            raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] is {first.dtype} on "
+                               f"{first.device}; call once per (device, dtype) group")
+        if not _is_dense(p):
+            raise RuntimeError(f"{op}: params[{i}] must be non-overlapping and dense (e.g. contiguous); "
+                               f"got strides {p.stride()}")
+        _check_like_param(op, "grads", i, grads[i], p)
+        for name, lst, used in states:
+            if used:
+                _check_like_param(op, name, i, lst[i], p)
+        if steps[2]:
+            s = steps[1][i]
+            if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
+                raise RuntimeError(f"{op}: {steps[0]}[{i}] must be a one-element float32 or float64 tensor")
+            if s.device.type != "cpu" and s.device != first.device:
+                raise RuntimeError(f"{op}: {steps[0]}[{i}] is on {s.device}, expected cpu or {first.device}")
+
+
+def _check_scalar(op: str, name: str, t: Tensor | None) -> None:
+    if t is not None and t.numel() != 1:
+        raise RuntimeError(f"{op}: {name} must be a one-element tensor")
+
+
+# ---------------------------------------------------------------- scalars
+
+def _coefficients(device: torch.device, opmath: torch.dtype, lr, grad_scale: Tensor | None, options: dict,
+                  family_terms: list[tuple[float, float]]) -> Tensor:
+    """`coef` of kernels.py. Every entry is a + lr * b (grad_mul also / grad_scale), computed in
+    float64 -- on the device when lr is a device tensor, so nothing syncs -- then rounded."""
+    a = [-1.0 if options["maximize"] else 1.0, options["weight_decay"], 1.0, options["l1"], 0.0]
+    b = [0.0, 0.0, -options["weight_decay"], 0.0, options["l1"]]
+    a += [x for x, _ in family_terms]
+    b += [y for _, y in family_terms]
+    where = lr.device if isinstance(lr, Tensor) and lr.device.type != "cpu" else torch.device("cpu")
+    coef = torch.tensor(a, dtype=torch.float64, device=where) + _lr64(lr, where) * torch.tensor(
+        b, dtype=torch.float64, device=where)
+    coef = coef.to(device)
+    if grad_scale is not None:
+        coef[kernels.GRAD_MUL.value] = coef[kernels.GRAD_MUL.value] / grad_scale.to(device, torch.float64).reshape(())
+    return coef.to(opmath)
+
+
+def _lr64(lr, device: torch.device) -> Tensor | float:
+    if isinstance(lr, Tensor):
+        return lr.to(device, torch.float64).reshape(())
+    return float(lr)
+
+
+def _flags(maximize: bool, grad_scale, weight_decay: float, decoupled: bool, l1: float, l1_proximal: bool) -> dict:
+    return dict(SCALE_GRAD=maximize or grad_scale is not None, COUPLED_L2=weight_decay != 0 and not decoupled,
+                DECOUPLED_L2=weight_decay != 0 and decoupled, L1_SUBGRADIENT=l1 != 0 and not l1_proximal,
+                L1_PROXIMAL=l1 != 0 and l1_proximal)
+
+
+# ---------------------------------------------------------------- the launch
+
+def _launch(op: str, family: str, params: list[Tensor], grads: list[Tensor], states: list[tuple[str, list, bool]],
+            steps: tuple[str, list, bool], lr, lr_tensor, grad_scale, found_inf, grad_options: dict, family_terms,
+            per_tensor_fn, flags: dict) -> None:
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _check_scalar(op, name, t)
+    table, numels = _pack(op, params, grads, states, steps)
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError(f"{op}: the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    step_list = steps[1] if steps[2] else []
+    # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
+    # no sync; elsewhere (or with counters on the host) it is read here.
+    found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in step_list)
+    if found_inf is not None and not found_here and found_inf.item() != 0:
+        return
+    if step_list:
+        torch._foreach_add_(step_list, 1.0)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    lr = lr_tensor if lr_tensor is not None else lr
+    coef = _coefficients(device, opmath, lr, grad_scale, grad_options, family_terms)
+    per_tensor = per_tensor_fn(step_list, lr, device, opmath) if per_tensor_fn else coef
+    if step_list and found_here:
+        torch._foreach_sub_(step_list, found_inf)
+    block = BLOCK[device.type]
+    plan = _plan(table, numels, device, block)
+    plan.table[1].copy_(table[1], non_blocking=True)
+    aligned = bool((table % 16 == 0).all())
+    if plan.blocks == 0:  # only empty tensors
+        return
+    kernels.KERNELS[family][(plan.blocks,)](
+        plan.table, plan.numels, plan.block_tensor, plan.block_start, found_inf if found_here else coef, coef,
+        per_tensor, len(params), DTYPE=_TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], BLOCK=block, ALIGNED=aligned,
+        HAS_FOUND_INF=found_here, **_flags(**grad_options, grad_scale=grad_scale), **flags, num_warps=NUM_WARPS)
+
+
+def _adam_per_tensor(beta1: float, beta2: float):
+    def per_tensor(steps: list[Tensor], lr, device: torch.device, opmath: torch.dtype) -> Tensor:
+        """[neg_step_size, bias_correction2_sqrt] per tensor, from each tensor's (advanced) step."""
+        s = torch.stack([x.reshape(()).to(device, torch.float64) for x in steps])
+        lr64 = _lr64(lr, device)
+        neg_step = -(lr64 / (1.0 - torch.pow(beta1, s)))
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
+        return torch.stack([neg_step, bc2_sqrt], dim=1).to(opmath).flatten()
+    return per_tensor
+
+
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay,
+          eps, amsgrad, maximize, decoupled_weight_decay, l1, l1_proximal, lr_tensor=None, grad_scale=None,
+          found_inf=None) -> None:
+    states = [("exp_avgs", exp_avgs, True), ("exp_avg_sqs", exp_avg_sqs, True),
+              ("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad)]
+    terms = [(1.0 - beta1, 0.0), (beta2, 0.0), (1.0 - beta2, 0.0), (eps, 0.0)]
+    options = dict(maximize=maximize, weight_decay=weight_decay, decoupled=decoupled_weight_decay, l1=l1,
+                   l1_proximal=l1_proximal)
+    _launch("fused_opt::triton_adam_", "adam", params, grads, states, ("state_steps", state_steps, True), lr,
+            lr_tensor, grad_scale, found_inf, options, terms, _adam_per_tensor(beta1, beta2), dict(AMSGRAD=amsgrad))
+
+
+def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps, weight_decay,
+             momentum, centered, maximize, l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+    states = [("square_avgs", square_avgs, True), ("grad_avgs", grad_avgs, centered),
+              ("momentum_buffers", momentum_buffers, momentum > 0)]
+    terms = [(alpha, 0.0), (1.0 - alpha, 0.0), (eps, 0.0), (momentum, 0.0), (0.0, -1.0)]
+    options = dict(maximize=maximize, weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
+    _launch("fused_opt::triton_rmsprop_", "rmsprop", params, grads, states, ("state_steps", state_steps, True), lr,
+            lr_tensor, grad_scale, found_inf, options, terms, None, dict(CENTERED=centered, MOMENTUM=momentum > 0))
+
+
+def sgd_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, dampening, nesterov, maximize, first_step,
+         l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+    states = [("momentum_buffers", momentum_buffers, momentum != 0)]
+    terms = [(momentum, 0.0), (1.0 - dampening, 0.0), (0.0, -1.0)]
+    options = dict(maximize=maximize, weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
+    _launch("fused_opt::triton_sgd_", "sgd", params, grads, states, ("state_steps", [], False), lr, lr_tensor,
+            grad_scale, found_inf, options, terms, None,
+            dict(MOMENTUM=momentum != 0, NESTEROV=nesterov, FIRST_STEP=first_step))
+
+
+IMPLS = {"adam": adam_, "rmsprop": rmsprop_, "sgd": sgd_}

@@ -1,0 +1,276 @@
+"""The cached group tables (fused_opt/tables.py): the eager fast path must be taken when nothing
+changed, and must notice every change a user can make between steps -- each scenario below is
+applied alike to a fused_opt optimizer and to torch.optim's (foreach=False), and both must then
+follow the same trajectory, params and every state tensor."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fused_opt
+
+SHAPES = [(7,), (3, 5), (), (4097,), (2, 2)]
+ALGOS = {
+    "adam": ("Adam", {"lr": 0.01, "weight_decay": 0.1}),
+    "adamw-amsgrad": ("AdamW", {"lr": 0.01, "amsgrad": True}),
+    "rmsprop-centered-momentum": ("RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.5}),
+    "sgd-nesterov": ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    "sgd-plain": ("SGD", {"lr": 0.1}),
+}
+
+
+class Pair:
+    """The same params, optimized by fused_opt and by torch.optim side by side."""
+
+    def __init__(self, algo: str, shapes=SHAPES, **extra):
+        name, kwargs = ALGOS[algo]
+        kwargs = {**kwargs, **extra}
+        g = torch.Generator().manual_seed(0)
+        init = [torch.randn(s, generator=g) for s in shapes]
+        self.ours = [p.clone().requires_grad_() for p in init]
+        self.theirs = [p.clone().requires_grad_() for p in init]
+        self.opt = getattr(fused_opt, name)(self.ours, backend="cpu", **kwargs)
+        self.ref = getattr(torch.optim, name)(self.theirs, foreach=False, **kwargs)
+        self.k = 0
+
+    def both(self):
+        return (self.opt, self.ours), (self.ref, self.theirs)
+
+    def step(self, skip=()):
+        """One step with the same grads on both sides; params whose index is in `skip` get none."""
+        self.k += 1
+        g = torch.Generator().manual_seed(100 + self.k)
+        grads = [torch.randn(p.shape, generator=g) for p in self.ours]
+        for _, params in self.both():
+            for i, (p, grad) in enumerate(zip(params, grads)):
+                p.grad = None if i in skip else grad.clone()
+        self.opt.step()
+        self.ref.step()
+
+    def check(self):
+        for i, (p, q) in enumerate(zip(self.ours, self.theirs)):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+            ours, theirs = self.opt.state.get(p, {}), self.ref.state.get(q, {})
+            assert ours.keys() == theirs.keys(), i
+            for key in ours:
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"param {i} state {key}: {m}")
+
+    @property
+    def fast_steps(self) -> int:
+        return self.opt._tables.fast_steps
+
+
+def _replace_param_storage(pair):
+    for _, params in pair.both():
+        params[1].data = params[1].data * 2 + 1
+
+
+def _replace_state_tensor(pair):
+    for opt, params in pair.both():
+        state = opt.state[params[0]]
+        for key in [k for k in state if k != "step"][:1]:
+            state[key] = torch.full_like(params[0], 0.25)
+
+
+def _replace_state_storage(pair):
+    for opt, params in pair.both():
+        state = opt.state[params[3]]
+        for key in [k for k in state if k != "step"][:1]:
+            state[key].data = torch.full_like(params[3], 0.5)
+
+
+def _reset_param_state(pair):
+    for opt, params in pair.both():
+        opt.state[params[1]] = {}
+
+
+def _delete_param_state(pair):
+    for opt, params in pair.both():
+        opt.state.pop(params[4], None)
+
+
+def _replace_step_counter(pair):
+    for opt, params in pair.both():
+        if "step" in opt.state[params[0]]:
+            opt.state[params[0]]["step"] = torch.tensor(50.0)
+
+
+def _replace_param_in_group(pair):
+    g = torch.Generator().manual_seed(7)
+    fresh = torch.randn(SHAPES[2], generator=g)
+    for opt, params in pair.both():
+        params[2] = fresh.clone().requires_grad_()
+        opt.param_groups[0]["params"][2] = params[2]
+
+
+def _reverse_group(pair):
+    for opt, _ in pair.both():
+        opt.param_groups[0]["params"].reverse()
+
+
+def _load_earlier_checkpoint(pair):
+    for opt, _ in pair.both():
+        opt.load_state_dict(pair.saved[id(opt)])
+
+
+SCENARIOS = {
+    "param-storage-replaced": _replace_param_storage,
+    "state-tensor-replaced": _replace_state_tensor,
+    "state-storage-replaced": _replace_state_storage,
+    "param-state-reset": _reset_param_state,
+    "param-state-deleted": _delete_param_state,
+    "step-counter-replaced": _replace_step_counter,
+    "param-replaced-in-group": _replace_param_in_group,
+    "group-reordered": _reverse_group,
+    "earlier-checkpoint-loaded": _load_earlier_checkpoint,
+}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_tables_notice_every_change(algo, scenario):
+    pair = Pair(algo)
+    pair.step()
+    pair.saved = {id(opt): copy.deepcopy(opt.state_dict()) for opt, _ in pair.both()}
+    pair.step()
+    pair.step()
+    assert pair.fast_steps == 2  # steps 2 and 3 ran from the table built after step 1
+    SCENARIOS[scenario](pair)
+    tables = pair.opt._tables  # load_state_dict starts afresh
+    before = tables.fast_steps
+    for _ in range(3):
+        pair.step()
+        pair.check()
+    assert tables.fast_steps - before >= 2  # a table is rebuilt after the change
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_tables_follow_grads_that_come_and_go(algo):
+    pair = Pair(algo)
+    for skip in [(), (), (1,), (1,), (), (0, 4), (), ()]:
+        pair.step(skip)
+        pair.check()
+    assert pair.fast_steps >= 3
+
+
+def test_a_group_whose_table_never_lasts_stops_getting_one():
+    pair = Pair("adam")
+    for k in range(12):
+        pair.step(skip=(k % 2,))  # a different set of params has grads every step
+        pair.check()
+    assert pair.fast_steps == 0
+    assert len(pair.opt._tables._tables) == 0
+
+
+@pytest.mark.parametrize("algo", ["adam", "sgd-nesterov"])
+def test_hyperparameter_changes_between_steps(algo):
+    pair = Pair(algo)
+    pair.step()
+    pair.step()
+    for opt, _ in pair.both():
+        group = opt.param_groups[0]
+        group["lr"] = torch.tensor(0.003)
+        group["weight_decay"] = 0.2
+        if "amsgrad" in group:
+            group["maximize"] = True
+        else:
+            group["dampening"], group["nesterov"] = 0.1, False
+    for _ in range(3):
+        pair.step()
+        pair.check()
+    assert pair.fast_steps == 4
+
+
+def test_grads_the_table_cannot_take_go_the_ordinary_way():
+    pair = Pair("adam", shapes=[(3, 4), (5,)])
+    pair.step()
+    for k in range(3):
+        g = torch.Generator().manual_seed(k)
+        grad = torch.randn(4, 3, generator=g).t()  # a transposed (non-contiguous) grad
+        for _, params in pair.both():
+            params[0].grad = grad.clone()
+            params[1].grad = torch.ones(5)
+        pair.opt.step()
+        pair.ref.step()
+        pair.check()
+    assert pair.fast_steps == 0
+
+
+def test_a_bad_grad_still_gets_the_ops_error_and_changes_nothing():
+    pair = Pair("adam", shapes=[(3,), (5,)])
+    pair.step()
+    pair.step()
+    before = [p.detach().clone() for p in pair.ours]
+    state = [{k: v.clone() for k, v in pair.opt.state[p].items()} for p in pair.ours]
+    pair.ours[1].grad = torch.ones(5).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        pair.opt.step()
+    for p, b, s in zip(pair.ours, before, state):
+        assert torch.equal(p, b)
+        assert all(torch.equal(pair.opt.state[p][k], v) for k, v in s.items())
+
+
+def test_add_param_group_and_a_second_group():
+    pair = Pair("adam")
+    pair.step()
+    pair.step()
+    extra_init = torch.randn(6, generator=torch.Generator().manual_seed(3))
+    for opt, params in pair.both():
+        params.append(extra_init.clone().requires_grad_())
+        opt.add_param_group({"params": [params[-1]], "lr": 0.05})
+    for _ in range(4):
+        pair.step()
+        pair.check()
+    assert pair.fast_steps >= 4
+
+
+def test_found_inf_skips_a_table_step_entirely():
+    pair = Pair("adam")
+    pair.step()
+    before = [p.detach().clone() for p in pair.ours]
+    steps = [pair.opt.state[p]["step"].item() for p in pair.ours]
+    pair.opt.found_inf = torch.ones(())
+    for p in pair.ours:
+        p.grad = torch.ones_like(p)
+    pair.opt.step()
+    del pair.opt.found_inf
+    assert pair.fast_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(pair.ours, before))
+    assert [pair.opt.state[p]["step"].item() for p in pair.ours] == steps
+
+
+def test_no_tables_for_other_backends_or_under_skip_nonfinite():
+    p = torch.zeros(4, requires_grad=True)
+    opt = fused_opt.Adam([p], backend="reference")
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        opt.step()
+    assert opt._tables.fast_steps == 0
+    opt.param_groups[0]["backend"] = "cpu"
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        opt.step()
+    assert opt._tables.fast_steps == 2
+
+
+def test_a_deepcopy_gets_no_tables_and_continues_like_the_original():
+    pair = Pair("adam")
+    pair.opt.skip_nonfinite = True
+    pair.step()
+    pair.step()
+    twin = copy.deepcopy(pair.opt)
+    assert twin.skip_nonfinite and not twin._tables._tables
+    twin_params = twin.param_groups[0]["params"]
+    for _ in range(2):
+        for p, q in zip(pair.ours, twin_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        pair.opt.step()
+        twin.step()
+    for p, q in zip(pair.ours, twin_params):
+        assert torch.equal(p, q)
+        assert all(torch.equal(v, twin.state[q][k]) for k, v in pair.opt.state[p].items())

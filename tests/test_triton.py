@@ -1,0 +1,118 @@
+"""The Triton backend beyond the shared case table (test_parity.py): its kernels compile for real
+GPUs with wide loads, its pointer tables are cached and rebuilt, found_inf masks a launch, and
+it refuses what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_opt
+from fused_opt import dispatch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+HERE = os.path.dirname(__file__)
+
+
+def _launch():
+    assert fused_opt.ops.triton_reason() is None
+    from fused_opt.triton import launch
+    return launch
+
+
+def test_kernels_compile_for_sm80_and_sm90_with_16_byte_loads():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile.py")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loads = json.loads(out.stdout)
+    # An unmasked block of 2048 elements over 128 threads: 16 elements a thread and slot, so
+    # itemsize 16-byte loads for each slot the variant reads.
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+    slots = {("adam", True): 5, ("adam", False): 4, ("rmsprop", True): 5, ("rmsprop", False): 3,
+             ("sgd", True): 2, ("sgd", False): 2}  # SGD's first step does not read the fresh buffer
+    assert len(loads) == 27
+    for variant, count in loads.items():
+        family, dtype, _, *plain = variant.split("-")
+        assert count == slots[family, not plain] * itemsize[dtype], variant
+
+
+def _adam(n=3, **kwargs):
+    params = [torch.randn(5 + k, requires_grad=True) for k in range(n)]
+    return params, fused_opt.Adam(params, lr=0.1, backend="triton", **kwargs)
+
+
+def _step(params, opt):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+def test_pointer_table_is_kept_while_tensors_stay_and_rebuilt_when_they_move():
+    launch = _launch()
+    launch._PLANS.clear()
+    params, opt = _adam()
+    _step(params, opt)
+    _step(params, opt)
+    assert len(launch._PLANS) == 1
+    plan = next(iter(launch._PLANS.values()))
+    _step(params, opt)
+    assert next(iter(launch._PLANS.values())) is plan
+    opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"].clone()  # state moved
+    before = params[1].detach().clone()
+    _step(params, opt)
+    assert len(launch._PLANS) == 2 and not torch.equal(params[1], before)
+
+
+def test_found_inf_on_the_params_device_masks_the_launch_and_keeps_the_steps():
+    params, opt = _adam(amsgrad=True)
+    _step(params, opt)
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    opt.found_inf = torch.ones(())
+    _step(params, opt)
+    for p, b, s in zip(params, before, state):
+        assert torch.equal(p, b)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in s.items())
+
+
+@pytest.mark.parametrize("checks", ["c++", "python"])
+def test_bad_input_gets_the_ops_error_before_any_write(checks, monkeypatch):
+    launch = _launch()
+    if checks == "python":  # as on a machine where the CPU extension was not built
+        monkeypatch.setattr(fused_opt.ops, "load_extensions", lambda: {"fused_opt._C": "ImportError: simulated"})
+    params = [torch.randn(4), torch.randn(3)]
+    grads = [torch.randn(4), torch.randn(3, dtype=torch.float64)]
+    states = [[torch.zeros(4), torch.zeros(3)] for _ in range(2)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    before = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"triton_adam_: grads\[1\] has dtype (Double|torch.float64) but its param"):
+        launch.adam_(params, grads, *states, [], steps, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8,
+                     amsgrad=False, maximize=False, decoupled_weight_decay=False, l1=0.0, l1_proximal=False)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and [s.item() for s in steps] == [0.0, 0.0]
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    launch = _launch()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    dispatch.clear_cache()
+    try:
+        with pytest.raises(RuntimeError, match="triton: runs on cpu tensors only under TRITON_INTERPRET=1"):
+            dispatch.select("triton", torch.device("cpu"), torch.float32)
+        p = torch.zeros(3)
+        with pytest.raises(RuntimeError, match="only under TRITON_INTERPRET=1"):
+            launch.sgd_([p], [torch.ones(3)], [], lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
+                        nesterov=False, maximize=False, first_step=False, l1=0.0, l1_proximal=False)
+        assert torch.equal(p, torch.zeros(3))
+    finally:
+        dispatch.clear_cache()
+
+
+def test_auto_never_picks_the_interpreter_for_cpu_params():
+    assert dispatch.select("triton", torch.device("cpu"), torch.float32).name == "triton"
+    assert dispatch.select("auto", torch.device("cpu"), torch.float32).name == "cpu"

@@ -1,0 +1,49 @@
+"""Compiles every Triton kernel for real GPUs (no GPU needed: Triton's compiler and ptxas run on
+the host) and prints, per variant, how many 16-byte global loads its PTX has. Run by
+test_triton.py in a fresh process, as the tests' own process uses Triton's interpreter."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fused_opt.triton import kernels  # noqa: E402
+
+POINTERS = {"table": "*i64", "numels": "*i64", "block_tensor": "*i32", "block_start": "*i64", "found_inf": "*fp32",
+            "n": "i32"}
+DTYPES = {"fp32": (tl.float32, tl.float32), "bf16": (tl.bfloat16, tl.float32), "fp16": (tl.float16, tl.float32),
+          "fp64": (tl.float64, tl.float64)}
+
+
+def compile_variant(family: str, dtype: str, arch: int, flags_on: bool) -> int:
+    fn = kernels.KERNELS[family]
+    names = list(inspect.signature(fn.fn).parameters)
+    storage, opmath = DTYPES[dtype]
+    math_ptr = "*fp64" if opmath == tl.float64 else "*fp32"
+    consts = {"DTYPE": storage, "OPMATH": opmath, "BLOCK": 2048, "ALIGNED": True}
+    consts.update({k: flags_on for k in names[names.index("HAS_FOUND_INF"):]})
+    signature = {k: POINTERS.get(k, math_ptr) for k in names if k not in consts}
+    signature.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+    return len(re.findall(r"ld\.global(?:\.\w+)*\.(?:v4\.\w32|v2\.\w64)\b", ptx))  # 16-byte loads
+
+
+if __name__ == "__main__":
+    out = {}
+    for family in kernels.KERNELS:
+        for dtype in DTYPES:
+            for arch in (80, 90):
+                out[f"{family}-{dtype}-sm{arch}"] = compile_variant(family, dtype, arch, True)
+        out[f"{family}-fp32-sm90-plain"] = compile_variant(family, "fp32", 90, False)
+    json.dump(out, sys.stdout)
