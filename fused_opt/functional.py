@@ -18,7 +18,7 @@ from . import dispatch
 L1_MODES = ("subgradient", "proximal")
 
 
-def _is_dense(t: Tensor) -> bool:
+def is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory in some dimension order."""
     if t.is_contiguous():
         return True
@@ -34,7 +34,7 @@ def _dense_alike(p: Tensor, others) -> bool:
     """Can one flat loop walk p and the others together (dense, same element order)?"""
     if p.is_contiguous() and all(t.is_contiguous() for t in others):
         return True
-    if not _is_dense(p):
+    if not is_dense(p):
         return False
     return all(t.shape == p.shape and all(s == q for s, q, n in zip(t.stride(), p.stride(), p.shape) if n > 1)
                for t in others)

@@ -1,9 +1,9 @@
-"""Cached group tables: the eager fast path of the optimizers for CPU params.
+"""Cached group tables: the eager fast path of the optimizers (CPU and Triton backends).
 
 An ordinary step hands the op its lists (params, grads, each state), and the dispatcher converts
 and the kernel re-checks every tensor of every list: ~0.2 us a tensor, most of a step for a model
-of thousands of small tensors. After an ordinary step of a param group that qualifies (CPU params
-of one dtype run by the "cpu" backend, all plain dense tensors), a GroupTable
+of thousands of small tensors. After an ordinary step of a param group that qualifies (params
+of one device and dtype run by the "cpu" or "triton" backend, all plain dense tensors), a GroupTable
 (csrc/cpu/tables.cpp) remembers the group's tensors and the packed launch over them. The next
 steps hand it only the group's param list: it reads the grads itself and, before writing
 anything, checks that nothing it remembers has changed (same params with grads, same state tensor
@@ -11,10 +11,14 @@ objects in each param's state dict, same storage, size, dtype and layout); a Sta
 after each step catches entries of optimizer.state added, removed or replaced. When anything
 differs the table declines, the step takes the ordinary path, and the table is rebuilt from it.
 A group whose tables keep being declined (say, grads present on alternate steps) stops getting
-them. Tables are for eager mode only: under torch.compile the ops are traced instead.
+them. For the Triton backend the table does the same checks and hands this step's grad addresses
+to the Triton launch, whose pointer table and block map it keeps. Tables are for eager mode
+only: under torch.compile the ops are traced instead.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,18 +28,28 @@ from . import dispatch, functional, ops
 # Tables built in a row for a group without one fast step in between, after which the group
 # stops getting them (they are not being reused; building one costs about an ordinary step).
 GIVE_UP_AFTER = 3
-_CPU = torch.device("cpu")
 
 
 def available() -> bool:
     return ops.load_extensions()["fused_opt._C"] is None
 
 
+@dataclass
+class _Entry:
+    group: dict
+    table: object  # the C++ GroupTable
+    backend: str  # "cpu": the table runs the CPU kernels; "triton": it hands its addresses to Triton
+    device: torch.device
+    dtype: torch.dtype
+    plan: object = None  # triton: the launch's pointer table and block map
+    steps: list[Tensor] = field(default_factory=list)  # triton: the step counters, in param order
+
+
 class Tables:
     """One optimizer's cached group tables (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._tables: dict[int, tuple[dict, object, torch.dtype]] = {}  # id(group) -> (group, table, dtype)
+        self._tables: dict[int, _Entry] = {}  # id(group) -> its table
         self._builds: dict[int, int] = {}  # id(group) -> tables built in a row without a fast step
         self.fast_steps = 0  # group steps run from a table
         self._snapshot = None
@@ -49,17 +63,32 @@ class Tables:
     def run(self, family: str, group: dict, options: dict, amp: dict) -> bool:
         """Steps `group` from its table; False (nothing written) when it has none or it declines."""
         entry = self._tables.get(id(group)) if self._state_unchanged else None
-        if entry is None or entry[0] is not group:
+        if entry is None or entry.group is not group:
             return False
-        _, table, dtype = entry
-        if dispatch.select(group["backend"], _CPU, dtype).name != "cpu":
+        if dispatch.select(group["backend"], entry.device, entry.dtype).name != entry.backend:
             return False
         kwargs = functional.OPTIONS[family](**options)
-        done = getattr(table, family)(group["params"], **kwargs, **functional.lr_kwargs(group["lr"], _CPU), **amp)
+        scalars = functional.lr_kwargs(group["lr"], entry.device)
+        if entry.backend == "cpu":
+            done = getattr(entry.table, family)(group["params"], **kwargs, **scalars, **amp)
+        else:
+            done = self._run_triton(family, entry, group, kwargs, scalars, amp)
         if done:
             self._builds[id(group)] = 0
             self.fast_steps += 1
         return done
+
+    @staticmethod
+    def _run_triton(family: str, entry: _Entry, group: dict, kwargs: dict, scalars: dict, amp: dict) -> bool:
+        if kwargs.get("first_step") or any(t is not None and t.numel() != 1 for t in amp.values()):
+            return False
+        grad_ptrs = entry.table.grad_pointers(group["params"])
+        if grad_ptrs is None:
+            return False
+        from .triton import launch  # imported with the backend, which this table was built for
+        launch.execute(family, entry.plan, grad_ptrs, entry.device, entry.dtype, entry.steps, scalars["lr"],
+                       scalars.get("lr_tensor"), amp["grad_scale"], amp["found_inf"], kwargs)
+        return True
 
     def learn(self, family: str, group: dict, params: list[Tensor], state: dict, keys, step_key) -> None:
         """After an ordinary step of `group` over `params`: build a table for the next steps."""
@@ -67,9 +96,11 @@ class Tables:
         self._tables.pop(key, None)
         self._learned = True
         builds = self._builds.get(key, 0)
-        if builds >= GIVE_UP_AFTER or not params or params[0].device.type != "cpu":
+        if builds >= GIVE_UP_AFTER or not params:
             return
-        if dispatch.select(group["backend"], _CPU, params[0].dtype).name != "cpu":
+        device, dtype = params[0].device, params[0].dtype
+        backend = dispatch.select(group["backend"], device, dtype).name
+        if backend not in ("cpu", "triton"):
             return
         self._builds[key] = builds + 1
         states = [state[p] for p in params] if step_key or any(keys) else [None] * len(params)
@@ -77,7 +108,12 @@ class Tables:
             table = ops.cpu_module().GroupTable(family, params, states, list(keys), step_key)
         except ValueError:  # something the fast path does not take (a subclass, a strided view, ...)
             return
-        self._tables[key] = (group, table, params[0].dtype)
+        entry = _Entry(group, table, backend, device, dtype)
+        if backend == "triton":
+            from .triton import launch
+            entry.plan = launch.plan(*table.pointer_table(), device)
+            entry.steps = [s[step_key] for s in states] if step_key else []
+        self._tables[key] = entry
 
     def end(self, state: dict) -> None:
         """At the end of a step: remember optimizer.state's entries if tables were (re)built."""

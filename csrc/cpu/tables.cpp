@@ -1,4 +1,6 @@
-// Cached group tables: the eager fast path of the optimizers for CPU params (fused_opt/tables.py).
+// Cached group tables: the eager fast path of the optimizers (fused_opt/tables.py): CPU params run
+// the CPU kernels from here; for other devices the table hands its checked addresses to the
+// Triton backend.
 //
 // A step through the ops converts every tensor of every list at the dispatcher and checks it again
 // (~0.2 us a tensor: most of a step for thousands of small tensors). A GroupTable remembers one
@@ -52,10 +54,16 @@ bool is_float_type(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// A plain dense CPU tensor whose memory the kernels may read and write as a flat array.
-bool plain_cpu(const at::Tensor& t) {
-  return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.has_storage() &&
+// A plain dense tensor on `device` whose memory a kernel may read and write as a flat array.
+bool plain(const at::Tensor& t, const c10::Device& device) {
+  return t.defined() && t.layout() == at::kStrided && t.device() == device && t.has_storage() &&
          !t.unsafeGetTensorImpl()->is_python_dispatch() && !t.is_neg() && !t.is_conj() && t.is_contiguous();
+}
+
+// A step counter: a one-element float tensor on the CPU or on the params' device.
+bool plain_step(const at::Tensor& s, const c10::Device& device) {
+  return (plain(s, device) || plain(s, at::kCPU)) && s.numel() == 1 &&
+         (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble);
 }
 
 // The tensor behind a Python object that is exactly a torch.Tensor or nn.Parameter (no subclass).
@@ -98,7 +106,10 @@ class GroupTable {
       Entry e;
       e.obj[0] = py::reinterpret_borrow<py::object>(params[i]);
       const at::Tensor* p = exact_tensor(e.obj[0].ptr());
-      if (!p || !plain_cpu(*p) || !is_float_type(p->scalar_type())) throw std::invalid_argument("param is not a plain dense CPU float tensor");
+      if (i == 0 && p) device_ = p->device();
+      if (!p || !plain(*p, device_) || !is_float_type(p->scalar_type())) {
+        throw std::invalid_argument("param is not a plain dense float tensor on the first param's device");
+      }
       if (i == 0) launch_.dtype = p->scalar_type();
       if (p->scalar_type() != launch_.dtype) throw std::invalid_argument("params differ in dtype");
       e.tensor[0] = *p;
@@ -109,7 +120,7 @@ class GroupTable {
         if (!keys_[k]) continue;
         e.obj[k] = py::reinterpret_borrow<py::object>(PyDict_GetItem(e.state.ptr(), keys_[k].ptr()));
         const at::Tensor* t = exact_tensor(e.obj[k].ptr());
-        if (!t || !plain_cpu(*t) || t->scalar_type() != launch_.dtype || t->sizes() != p->sizes()) {
+        if (!t || !plain(*t, device_) || t->scalar_type() != launch_.dtype || t->sizes() != p->sizes()) {
           throw std::invalid_argument("state tensor does not fit its param");
         }
         e.tensor[k] = *t;
@@ -118,8 +129,8 @@ class GroupTable {
       if (step_key_) {
         e.step_obj = py::reinterpret_borrow<py::object>(PyDict_GetItem(e.state.ptr(), step_key_.ptr()));
         const at::Tensor* s = exact_tensor(e.step_obj.ptr());
-        if (!s || !plain_cpu(*s) || s->numel() != 1 || (s->scalar_type() != at::kFloat && s->scalar_type() != at::kDouble)) {
-          throw std::invalid_argument("step counter is not a one-element float CPU tensor");
+        if (!s || !plain_step(*s, device_)) {
+          throw std::invalid_argument("step counter is not a one-element float tensor on the cpu or the params' device");
         }
         e.step = *s;
         e.step_ptr = s->const_data_ptr();
@@ -157,6 +168,33 @@ class GroupTable {
 
   size_t size() const { return entries_.size(); }
 
+  // For kernels launched elsewhere (the Triton backend): after the same checks as a CPU step,
+  // this step's grad addresses (int64, CPU), or None when the table declines.
+  std::optional<at::Tensor> grad_pointers(const py::handle& params) {
+    std::vector<at::Tensor> grads(entries_.size());
+    if (!PyList_Check(params.ptr()) || !collect_grads(params.ptr(), grads) || !unchanged(grads)) return std::nullopt;
+    at::Tensor out = at::empty({static_cast<int64_t>(entries_.size())}, at::kLong);
+    auto ptrs = out.accessor<int64_t, 1>();
+    for (size_t i = 0; i < entries_.size(); ++i) ptrs[i] = reinterpret_cast<int64_t>(launch_.tensors[i].ptr[1]);
+    return out;
+  }
+
+  // The packed addresses (int64 [5, n], CPU; slot order, the grads' row and unused slots 0) and
+  // numels (int64 [n]).
+  std::tuple<at::Tensor, at::Tensor> pointer_table() const {
+    const auto n = static_cast<int64_t>(entries_.size());
+    at::Tensor table = at::zeros({kSlots, n}, at::kLong);
+    at::Tensor numels = at::empty({n}, at::kLong);
+    auto rows = table.accessor<int64_t, 2>();
+    auto sizes = numels.accessor<int64_t, 1>();
+    for (int64_t i = 0; i < n; ++i) {
+      const TensorJob& job = launch_.tensors[i];
+      for (int k = 0; k < kSlots; ++k) rows[k][i] = k == 1 ? 0 : reinterpret_cast<int64_t>(job.ptr[k]);
+      sizes[i] = job.numel;
+    }
+    return {table, numels};
+  }
+
  private:
   struct Entry {
     std::array<py::object, kSlots> obj;  // the Python objects of the param (0) and state tensors (2..)
@@ -170,6 +208,7 @@ class GroupTable {
   template <typename Kernel>
   bool run(const py::handle& params, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
            const OptTensor& found_inf, const Kernel& kernel) {
+    if (!device_.is_cpu()) return false;  // the CPU kernels; other devices use grad_pointers
     for (const OptTensor* t : {&lr_tensor, &grad_scale, &found_inf}) {
       if (t->has_value() && (!(*t)->defined() || (*t)->numel() != 1)) return false;  // the op says why
     }
@@ -206,8 +245,9 @@ class GroupTable {
   }
 
   // A packed tensor still has the memory, size, dtype and layout it was packed with.
-  static bool same_memory(const at::Tensor& t, const void* ptr, int64_t numel, c10::ScalarType dtype) {
-    return plain_cpu(t) && t.scalar_type() == dtype && t.numel() == numel && t.const_data_ptr() == ptr;
+  static bool same_memory(const at::Tensor& t, const void* ptr, int64_t numel, c10::ScalarType dtype,
+                          const c10::Device& device) {
+    return plain(t, device) && t.scalar_type() == dtype && t.numel() == numel && t.const_data_ptr() == ptr;
   }
 
   // Checks each grad against its param and everything the table remembers; puts the grads into
@@ -219,23 +259,24 @@ class GroupTable {
       const Entry& e = entries_[i];
       TensorJob& job = launch_.tensors[i];
       const at::Tensor& g = grads[i];
-      if (!same_memory(e.tensor[0], job.ptr[0], job.numel, dtype)) return false;
-      if (!plain_cpu(g) || g.scalar_type() != dtype || g.sizes() != e.tensor[0].sizes()) return false;
+      if (!same_memory(e.tensor[0], job.ptr[0], job.numel, dtype, device_)) return false;
+      if (!plain(g, device_) || g.scalar_type() != dtype || g.sizes() != e.tensor[0].sizes()) return false;
       job.ptr[1] = g.data_ptr();
       for (int k = 2; k < kSlots; ++k) {
         if (!keys_[k]) continue;
         if (PyDict_GetItem(e.state.ptr(), keys_[k].ptr()) != e.obj[k].ptr()) return false;
-        if (!same_memory(e.tensor[k], job.ptr[k], job.numel, dtype)) return false;
+        if (!same_memory(e.tensor[k], job.ptr[k], job.numel, dtype, device_)) return false;
       }
       if (step_key_) {
         if (PyDict_GetItem(e.state.ptr(), step_key_.ptr()) != e.step_obj.ptr()) return false;
-        if (!plain_cpu(e.step) || e.step.numel() != 1 || e.step.const_data_ptr() != e.step_ptr) return false;
+        if (!plain_step(e.step, device_) || e.step.const_data_ptr() != e.step_ptr) return false;
       }
     }
     return true;
   }
 
   Family family_;
+  c10::Device device_ = at::kCPU;
   std::array<py::object, kSlots> keys_;  // interned state keys of slots 2.. (null: unused)
   py::object step_key_;
   std::vector<Entry> entries_;
@@ -257,7 +298,9 @@ void bind_tables(py::module_& m) {
   table.def(py::init<const std::string&, const py::list&, const py::list&, const std::vector<std::optional<std::string>>&,
                      const std::optional<std::string>&>(),
             py::arg("family"), py::arg("params"), py::arg("states"), py::arg("keys"), py::arg("step_key"))
-      .def("__len__", &GroupTable::size);
+      .def("__len__", &GroupTable::size)
+      .def("grad_pointers", &GroupTable::grad_pointers, py::arg("params"))
+      .def("pointer_table", &GroupTable::pointer_table);
   scalars(table, "adam", &GroupTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
           py::arg("eps"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"), py::arg("l1"),
           py::arg("l1_proximal"));

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import ops
+from ..functional import is_dense
 from . import kernels
 
 BLOCK = {"cuda": 2048, "cpu": 4096}
@@ -48,29 +49,33 @@ class _Plan:
     block_tensor: Tensor
     block_start: Tensor
     blocks: int
+    block: int
+    aligned: bool  # every param and state starts on 16 bytes
 
 
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
 
 
-def _plan(table: Tensor, numels: Tensor, device: torch.device, block: int) -> _Plan:
-    """The cached device pointer table and block map for this pointer table (int64 [SLOTS, n] on
-    the CPU) and these numels; the grads' row does not count."""
-    key = (device, block, table[[0, 2, 3, 4]].numpy().tobytes(), numels.numpy().tobytes())
-    plan = _PLANS.get(key)
-    if plan is not None:
+def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
+    """The device pointer table and block map for this pointer table (int64 [SLOTS, n] on the
+    CPU; its grads' row does not count) and these numels: cached, least recently used dropped."""
+    block = BLOCK[device.type]
+    key = (device, table[[0, 2, 3, 4]].numpy().tobytes(), numels.numpy().tobytes())
+    found = _PLANS.get(key)
+    if found is not None:
         _PLANS.move_to_end(key)
-        return plan
+        return found
     blocks_per = (numels + block - 1) // block
     block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks_per)
     first = torch.cumsum(blocks_per, 0) - blocks_per  # index of each tensor's first block
     block_start = (torch.arange(len(block_tensor)) - first.repeat_interleave(blocks_per)) * block
-    plan = _Plan(table.to(device), numels.to(device), block_tensor.to(device), block_start.to(device),
-                 len(block_tensor))
-    _PLANS[key] = plan
+    aligned = bool((table[[0, 2, 3, 4]] % 16 == 0).all())
+    found = _Plan(table.to(device), numels.to(device), block_tensor.to(device), block_start.to(device),
+                  len(block_tensor), block, aligned)
+    _PLANS[key] = found
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)
-    return plan
+    return found
 
 
 def _pack(op: str, params, grads, states: list[tuple[str, list, bool]], steps: tuple[str, list, bool]):
@@ -93,15 +98,6 @@ def _pack(op: str, params, grads, states: list[tuple[str, list, bool]], steps: t
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s > 1)
-
-
-def _is_dense(t: Tensor) -> bool:
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _check_like_param(op: str, name: str, i: int, t: Tensor, p: Tensor) -> None:
@@ -134,7 +130,7 @@ def _check(op: str, params, grads, states: list[tuple[str, list, bool]], steps: 
         if p.device != first.device or p.dtype != first.dtype:
             raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] is {first.dtype} on "
                                f"{first.device}; call once per (device, dtype) group")
-        if not _is_dense(p):
+        if not is_dense(p):
             raise RuntimeError(f"{op}: params[{i}] must be non-overlapping and dense (e.g. contiguous); "
                                f"got strides {p.stride()}")
         _check_like_param(op, "grads", i, grads[i], p)
@@ -179,92 +175,105 @@ def _lr64(lr, device: torch.device) -> Tensor | float:
     return float(lr)
 
 
-def _flags(maximize: bool, grad_scale, weight_decay: float, decoupled: bool, l1: float, l1_proximal: bool) -> dict:
-    return dict(SCALE_GRAD=maximize or grad_scale is not None, COUPLED_L2=weight_decay != 0 and not decoupled,
-                DECOUPLED_L2=weight_decay != 0 and decoupled, L1_SUBGRADIENT=l1 != 0 and not l1_proximal,
-                L1_PROXIMAL=l1 != 0 and l1_proximal)
+def _flags(o: dict, grad_scale) -> dict:
+    decoupled = o.get("decoupled_weight_decay", False)
+    return dict(SCALE_GRAD=o["maximize"] or grad_scale is not None, COUPLED_L2=o["weight_decay"] != 0 and not decoupled,
+                DECOUPLED_L2=o["weight_decay"] != 0 and decoupled, L1_SUBGRADIENT=o["l1"] != 0 and not o["l1_proximal"],
+                L1_PROXIMAL=o["l1"] != 0 and o["l1_proximal"])
 
 
 # ---------------------------------------------------------------- the launch
 
-def _launch(op: str, family: str, params: list[Tensor], grads: list[Tensor], states: list[tuple[str, list, bool]],
-            steps: tuple[str, list, bool], lr, lr_tensor, grad_scale, found_inf, grad_options: dict, family_terms,
-            per_tensor_fn, flags: dict) -> None:
+def _adam_per_tensor(steps: list[Tensor], lr, device: torch.device, opmath: torch.dtype, beta1: float,
+                     beta2: float) -> Tensor:
+    """[neg_step_size, bias_correction2_sqrt] per tensor, from each tensor's (advanced) step."""
+    try:  # one call, as the counters usually share a device and shape
+        s = torch.stack(steps).reshape(-1).to(device, torch.float64)
+    except RuntimeError:
+        s = torch.stack([x.reshape(()).to(device, torch.float64) for x in steps])
+    neg_step = -(_lr64(lr, device) / (1.0 - torch.pow(beta1, s)))
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
+    return torch.stack([neg_step, bc2_sqrt], dim=1).to(opmath).flatten()
+
+
+def _spec(family: str, o: dict) -> tuple[list, dict]:
+    """A family's op arguments as kernels.py wants them: the family's `coef` terms (a, b: a + lr * b,
+    in kernels.py's order) and its constexpr flags."""
+    if family == "adam":
+        return [(1.0 - o["beta1"], 0.0), (o["beta2"], 0.0), (1.0 - o["beta2"], 0.0), (o["eps"], 0.0)], \
+            dict(AMSGRAD=o["amsgrad"])
+    if family == "rmsprop":
+        return [(o["alpha"], 0.0), (1.0 - o["alpha"], 0.0), (o["eps"], 0.0), (o["momentum"], 0.0), (0.0, -1.0)], \
+            dict(CENTERED=o["centered"], MOMENTUM=o["momentum"] > 0)
+    return [(o["momentum"], 0.0), (1.0 - o["dampening"], 0.0), (0.0, -1.0)], \
+        dict(MOMENTUM=o["momentum"] != 0, NESTEROV=o["nesterov"], FIRST_STEP=o["first_step"])
+
+
+def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
+            steps: list[Tensor], lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
+            found_inf: Tensor | None, options: dict) -> None:
+    """One checked step over a plan: step counters, scalars, this step's grads (their addresses,
+    int64 on the CPU), one launch. Also the entry of the cached group tables (tables.py)."""
+    # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
+    # no sync; elsewhere (or with counters on the host) it is read here.
+    found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in steps)
+    if found_inf is not None and not found_here and found_inf.item() != 0:
+        return
+    if steps:
+        torch._foreach_add_(steps, 1.0)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    lr = lr_tensor if lr_tensor is not None else lr
+    terms, flags = _spec(family, options)
+    coef = _coefficients(device, opmath, lr, grad_scale, options, terms)
+    per_tensor = coef
+    if family == "adam":
+        per_tensor = _adam_per_tensor(steps, lr, device, opmath, options["beta1"], options["beta2"])
+    if steps and found_here:
+        torch._foreach_sub_(steps, found_inf)
+    if plan.blocks == 0:  # only empty tensors
+        return
+    plan.table[1].copy_(grad_ptrs, non_blocking=True)
+    aligned = plan.aligned and bool((grad_ptrs % 16 == 0).all())
+    kernels.KERNELS[family][(plan.blocks,)](
+        plan.table, plan.numels, plan.block_tensor, plan.block_start, found_inf if found_here else coef, coef,
+        per_tensor, len(grad_ptrs), DTYPE=_TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], BLOCK=plan.block,
+        ALIGNED=aligned, HAS_FOUND_INF=found_here, **_flags(options, grad_scale), **flags, num_warps=NUM_WARPS)
+
+
+def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states: list[tuple[str, list, bool]],
+        steps: tuple[str, list, bool], lr: float, lr_tensor, grad_scale, found_inf, options: dict) -> None:
     for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         _check_scalar(op, name, t)
     table, numels = _pack(op, params, grads, states, steps)
     if not params:
         return
-    device, dtype = params[0].device, params[0].dtype
+    device = params[0].device
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(f"{op}: the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    step_list = steps[1] if steps[2] else []
-    # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
-    # no sync; elsewhere (or with counters on the host) it is read here.
-    found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in step_list)
-    if found_inf is not None and not found_here and found_inf.item() != 0:
-        return
-    if step_list:
-        torch._foreach_add_(step_list, 1.0)
-    opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    lr = lr_tensor if lr_tensor is not None else lr
-    coef = _coefficients(device, opmath, lr, grad_scale, grad_options, family_terms)
-    per_tensor = per_tensor_fn(step_list, lr, device, opmath) if per_tensor_fn else coef
-    if step_list and found_here:
-        torch._foreach_sub_(step_list, found_inf)
-    block = BLOCK[device.type]
-    plan = _plan(table, numels, device, block)
-    plan.table[1].copy_(table[1], non_blocking=True)
-    aligned = bool((table % 16 == 0).all())
-    if plan.blocks == 0:  # only empty tensors
-        return
-    kernels.KERNELS[family][(plan.blocks,)](
-        plan.table, plan.numels, plan.block_tensor, plan.block_start, found_inf if found_here else coef, coef,
-        per_tensor, len(params), DTYPE=_TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], BLOCK=block, ALIGNED=aligned,
-        HAS_FOUND_INF=found_here, **_flags(**grad_options, grad_scale=grad_scale), **flags, num_warps=NUM_WARPS)
+    execute(family, plan(table, numels, device), table[1], device, params[0].dtype, steps[1] if steps[2] else [],
+            lr, lr_tensor, grad_scale, found_inf, options)
 
 
-def _adam_per_tensor(beta1: float, beta2: float):
-    def per_tensor(steps: list[Tensor], lr, device: torch.device, opmath: torch.dtype) -> Tensor:
-        """[neg_step_size, bias_correction2_sqrt] per tensor, from each tensor's (advanced) step."""
-        s = torch.stack([x.reshape(()).to(device, torch.float64) for x in steps])
-        lr64 = _lr64(lr, device)
-        neg_step = -(lr64 / (1.0 - torch.pow(beta1, s)))
-        bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
-        return torch.stack([neg_step, bc2_sqrt], dim=1).to(opmath).flatten()
-    return per_tensor
-
-
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay,
-          eps, amsgrad, maximize, decoupled_weight_decay, l1, l1_proximal, lr_tensor=None, grad_scale=None,
-          found_inf=None) -> None:
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, lr_tensor=None, grad_scale=None,
+          found_inf=None, **options) -> None:
     states = [("exp_avgs", exp_avgs, True), ("exp_avg_sqs", exp_avg_sqs, True),
-              ("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad)]
-    terms = [(1.0 - beta1, 0.0), (beta2, 0.0), (1.0 - beta2, 0.0), (eps, 0.0)]
-    options = dict(maximize=maximize, weight_decay=weight_decay, decoupled=decoupled_weight_decay, l1=l1,
-                   l1_proximal=l1_proximal)
-    _launch("fused_opt::triton_adam_", "adam", params, grads, states, ("state_steps", state_steps, True), lr,
-            lr_tensor, grad_scale, found_inf, options, terms, _adam_per_tensor(beta1, beta2), dict(AMSGRAD=amsgrad))
+              ("max_exp_avg_sqs", max_exp_avg_sqs, options["amsgrad"])]
+    _op("fused_opt::triton_adam_", "adam", params, grads, states, ("state_steps", state_steps, True), lr, lr_tensor,
+        grad_scale, found_inf, options)
 
 
-def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps, weight_decay,
-             momentum, centered, maximize, l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
-    states = [("square_avgs", square_avgs, True), ("grad_avgs", grad_avgs, centered),
-              ("momentum_buffers", momentum_buffers, momentum > 0)]
-    terms = [(alpha, 0.0), (1.0 - alpha, 0.0), (eps, 0.0), (momentum, 0.0), (0.0, -1.0)]
-    options = dict(maximize=maximize, weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
-    _launch("fused_opt::triton_rmsprop_", "rmsprop", params, grads, states, ("state_steps", state_steps, True), lr,
-            lr_tensor, grad_scale, found_inf, options, terms, None, dict(CENTERED=centered, MOMENTUM=momentum > 0))
+def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, lr_tensor=None,
+             grad_scale=None, found_inf=None, **options) -> None:
+    states = [("square_avgs", square_avgs, True), ("grad_avgs", grad_avgs, options["centered"]),
+              ("momentum_buffers", momentum_buffers, options["momentum"] > 0)]
+    _op("fused_opt::triton_rmsprop_", "rmsprop", params, grads, states, ("state_steps", state_steps, True), lr,
+        lr_tensor, grad_scale, found_inf, options)
 
 
-def sgd_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, dampening, nesterov, maximize, first_step,
-         l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
-    states = [("momentum_buffers", momentum_buffers, momentum != 0)]
-    terms = [(momentum, 0.0), (1.0 - dampening, 0.0), (0.0, -1.0)]
-    options = dict(maximize=maximize, weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
-    _launch("fused_opt::triton_sgd_", "sgd", params, grads, states, ("state_steps", [], False), lr, lr_tensor,
-            grad_scale, found_inf, options, terms, None,
-            dict(MOMENTUM=momentum != 0, NESTEROV=nesterov, FIRST_STEP=first_step))
+def sgd_(params, grads, momentum_buffers, *, lr, lr_tensor=None, grad_scale=None, found_inf=None, **options) -> None:
+    states = [("momentum_buffers", momentum_buffers, options["momentum"] != 0)]
+    _op("fused_opt::triton_sgd_", "sgd", params, grads, states, ("state_steps", [], False), lr, lr_tensor,
+        grad_scale, found_inf, options)
 
 
 IMPLS = {"adam": adam_, "rmsprop": rmsprop_, "sgd": sgd_}
