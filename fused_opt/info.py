@@ -7,6 +7,7 @@ import platform
 import torch
 
 import fused_opt
+from fused_opt import dispatch
 
 
 def report() -> str:
@@ -15,8 +16,15 @@ def report() -> str:
              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
              f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
              "backends:"]
-    for name, why in fused_opt.available_backends().items():
-        lines.append(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
+    for backend in dispatch.BACKENDS:
+        why = backend.unavailable()
+        if why is None:  # say which tensors it takes here
+            devices = [d for d in backend.device_types if backend.device_reason(torch.device(d)) is None]
+            why = f"available for {'/'.join(devices)} tensors" if devices else "unavailable: " + "; ".join(
+                backend.device_reason(torch.device(d)) for d in backend.device_types)
+        else:
+            why = "unavailable: " + why
+        lines.append(f"  {backend.name:10s} {why}")
     return "\n".join(lines)
 
 

@@ -60,3 +60,16 @@ def test_one_op_call_per_device_dtype_group(monkeypatch):
         assert sorted(calls) == [1, 3]
     finally:
         dispatch.clear_cache()
+
+
+def test_info_says_which_tensors_each_backend_takes(monkeypatch):
+    from fused_opt import info
+
+    lines = {line.split()[0]: line for line in info.report().splitlines() if line.startswith("  ")}
+    assert lines["cpu"].endswith("available for cpu tensors")
+    assert lines["cuda_sim"].endswith("available for cpu tensors")
+    if fused_opt.ops.triton_reason() is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert info.report().count("triton     available for cuda/cpu tensors") == 1
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert info.report().count("triton     available for cuda tensors") == 1
