@@ -87,7 +87,8 @@ class Tables:
             return False
         from .triton import launch  # imported with the backend, which this table was built for
         launch.execute(family, entry.plan, grad_ptrs, entry.device, entry.dtype, entry.steps, scalars["lr"],
-                       scalars.get("lr_tensor"), amp["grad_scale"], amp["found_inf"], kwargs)
+                       scalars.get("lr_tensor"), amp["grad_scale"], amp["found_inf"], kwargs,
+                       advance_host_steps=entry.table.advance_host_steps)
         return True
 
     def learn(self, family: str, group: dict, params: list[Tensor], state: dict, keys, step_key) -> None:

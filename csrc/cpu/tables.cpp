@@ -179,6 +179,19 @@ class GroupTable {
     return out;
   }
 
+  // After grad_pointers accepted this step: adds one to each step counter if all live on the CPU
+  // (here, without a per-tensor call from Python) and returns the new values (float64 [n]);
+  // None when some live on the device (the caller advances those).
+  std::optional<at::Tensor> advance_host_steps() {
+    for (const at::Tensor& s : steps_) {
+      if (!s.device().is_cpu()) return std::nullopt;
+    }
+    const std::vector<double> values = advance_steps(steps_);
+    at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::kDouble);
+    std::copy(values.begin(), values.end(), out.data_ptr<double>());
+    return out;
+  }
+
   // The packed addresses (int64 [5, n], CPU; slot order, the grads' row and unused slots 0) and
   // numels (int64 [n]).
   std::tuple<at::Tensor, at::Tensor> pointer_table() const {
@@ -300,6 +313,7 @@ void bind_tables(py::module_& m) {
             py::arg("family"), py::arg("params"), py::arg("states"), py::arg("keys"), py::arg("step_key"))
       .def("__len__", &GroupTable::size)
       .def("grad_pointers", &GroupTable::grad_pointers, py::arg("params"))
+      .def("advance_host_steps", &GroupTable::advance_host_steps)
       .def("pointer_table", &GroupTable::pointer_table);
   scalars(table, "adam", &GroupTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
           py::arg("eps"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"), py::arg("l1"),

@@ -4,11 +4,12 @@ CPU tensors (how the tests run them without a GPU).
 
 Per call: check every input before anything is written (the C++ ops' checks, csrc/include/
 fused_opt/checks.h, run by the CPU extension when it is built; else the same in Python), advance
-the step counters, compute the scalars in float64
-(the same values the C++ kernels use), and launch one kernel over all tensors. The pointer table
-and block map depend only on where the params and states live and how big they are, so they are
-kept (a few per process, least recently used dropped) and reused while those addresses and sizes
-are unchanged; only the grads' row is rewritten each call.
+the step counters, compute the scalars in float64 (the same values the C++ kernels use), and
+launch one kernel over all tensors. The pointer table and block map depend only on where the
+params and states live and how big they are, so they are kept (a few per process, least recently
+used dropped) and reused while those addresses and sizes are unchanged; only the grads' row is
+rewritten each call. The optimizers' cached group tables (fused_opt/tables.py) skip the per-call
+checks and packing and call `execute` directly.
 
 Block size: 2048 elements a program on a GPU (16 float32 a thread at 4 warps: four 16-byte
 loads per slot), 4096 under the interpreter (fewer, larger numpy steps). Not yet tuned on a
@@ -184,13 +185,16 @@ def _flags(o: dict, grad_scale) -> dict:
 
 # ---------------------------------------------------------------- the launch
 
-def _adam_per_tensor(steps: list[Tensor], lr, device: torch.device, opmath: torch.dtype, beta1: float,
-                     beta2: float) -> Tensor:
-    """[neg_step_size, bias_correction2_sqrt] per tensor, from each tensor's (advanced) step."""
+def _step_values(steps: list[Tensor], device: torch.device) -> Tensor:
     try:  # one call, as the counters usually share a device and shape
-        s = torch.stack(steps).reshape(-1).to(device, torch.float64)
+        return torch.stack(steps).reshape(-1).to(device, torch.float64)
     except RuntimeError:
-        s = torch.stack([x.reshape(()).to(device, torch.float64) for x in steps])
+        return torch.stack([x.reshape(()).to(device, torch.float64) for x in steps])
+
+
+def _adam_per_tensor(s: Tensor, lr, device: torch.device, opmath: torch.dtype, beta1: float, beta2: float) -> Tensor:
+    """[neg_step_size, bias_correction2_sqrt] per tensor, from each tensor's (advanced) step `s`."""
+    s = s.to(device, torch.float64)
     neg_step = -(_lr64(lr, device) / (1.0 - torch.pow(beta1, s)))
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
     return torch.stack([neg_step, bc2_sqrt], dim=1).to(opmath).flatten()
@@ -211,15 +215,18 @@ def _spec(family: str, o: dict) -> tuple[list, dict]:
 
 def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
             steps: list[Tensor], lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
-            found_inf: Tensor | None, options: dict) -> None:
+            found_inf: Tensor | None, options: dict, advance_host_steps=None) -> None:
     """One checked step over a plan: step counters, scalars, this step's grads (their addresses,
-    int64 on the CPU), one launch. Also the entry of the cached group tables (tables.py)."""
+    int64 on the CPU), one launch. Also the entry of the cached group tables (tables.py), which
+    pass `advance_host_steps`: it advances counters kept on the CPU in one call and returns their
+    values (None if they are not all there)."""
     # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
     # no sync; elsewhere (or with counters on the host) it is read here.
     found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in steps)
     if found_inf is not None and not found_here and found_inf.item() != 0:
         return
-    if steps:
+    values = advance_host_steps() if advance_host_steps is not None and steps and not found_here else None
+    if values is None and steps:
         torch._foreach_add_(steps, 1.0)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     lr = lr_tensor if lr_tensor is not None else lr
@@ -227,7 +234,8 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     coef = _coefficients(device, opmath, lr, grad_scale, options, terms)
     per_tensor = coef
     if family == "adam":
-        per_tensor = _adam_per_tensor(steps, lr, device, opmath, options["beta1"], options["beta2"])
+        values = _step_values(steps, device) if values is None else values
+        per_tensor = _adam_per_tensor(values, lr, device, opmath, options["beta1"], options["beta2"])
     if steps and found_here:
         torch._foreach_sub_(steps, found_inf)
     if plan.blocks == 0:  # only empty tensors
