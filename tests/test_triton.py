@@ -27,6 +27,8 @@ def _launch():
 
 def test_kernels_compile_for_sm80_and_sm90_with_16_byte_loads():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(fused_opt.__file__))  # compile this tree's kernels
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile.py")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Compiles every Triton kernel for real GPUs (no GPU needed: Triton's compiler and ptxas run on
+"""Compiles the Triton kernel for every family and dtype for real GPUs (no GPU needed: Triton's compiler and ptxas run on
 the host) and prints, per variant, how many 16-byte global loads its PTX has. Run by
 test_triton.py in a fresh process, as the tests' own process uses Triton's interpreter."""
 
@@ -26,11 +26,11 @@ DTYPES = {"fp32": (tl.float32, tl.float32), "bf16": (tl.bfloat16, tl.float32), "
 
 
 def compile_variant(family: str, dtype: str, arch: int, flags_on: bool) -> int:
-    fn = kernels.KERNELS[family]
+    fn = kernels.step_kernel
     names = list(inspect.signature(fn.fn).parameters)
     storage, opmath = DTYPES[dtype]
     math_ptr = "*fp64" if opmath == tl.float64 else "*fp32"
-    consts = {"DTYPE": storage, "OPMATH": opmath, "BLOCK": 2048, "ALIGNED": True}
+    consts = {"BLOCK_FN": kernels.BLOCKS[family], "DTYPE": storage, "OPMATH": opmath, "BLOCK": 2048, "ALIGNED": True}
     consts.update({k: flags_on for k in names[names.index("HAS_FOUND_INF"):]})
     signature = {k: POINTERS.get(k, math_ptr) for k in names if k not in consts}
     signature.update({k: "constexpr" for k in consts})
@@ -41,7 +41,7 @@ def compile_variant(family: str, dtype: str, arch: int, flags_on: bool) -> int:
 
 if __name__ == "__main__":
     out = {}
-    for family in kernels.KERNELS:
+    for family in kernels.BLOCKS:
         for dtype in DTYPES:
             for arch in (80, 90):
                 out[f"{family}-{dtype}-sm{arch}"] = compile_variant(family, dtype, arch, True)

@@ -118,14 +118,15 @@ def _program(numels, block_tensor, block_start, found_inf, BLOCK: tl.constexpr, 
     return t, start + tl.arange(0, BLOCK), start, tl.load(numels + t), live
 
 
-# Each family: a block function (one block of one tensor, masked or not) and the kernel around it.
-# Full blocks run unmasked, so that the compiler may use 16-byte loads; the tail block is masked.
+# Each family: a block function (one block of one tensor, masked or not), all with one signature,
+# run by step_kernel below. Full blocks run unmasked, so that the compiler may use 16-byte loads;
+# the tail block is masked.
 
 @triton.jit
 def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
                 ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
                 L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
-                AMSGRAD: tl.constexpr):
+                AMSGRAD: tl.constexpr, _F2: tl.constexpr, _F3: tl.constexpr):
     p_ptr = _slot(table, 0, n, t, DTYPE, ALIGNED)
     m_ptr = _slot(table, 2, n, t, DTYPE, ALIGNED)
     v_ptr = _slot(table, 3, n, t, DTYPE, ALIGNED)
@@ -152,26 +153,10 @@ def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr,
 
 
 @triton.jit
-def adam_kernel(table, numels, block_tensor, block_start, found_inf, coef, per_tensor, n,
-                DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                HAS_FOUND_INF: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
-                L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
-                AMSGRAD: tl.constexpr):
-    t, offs, start, numel, live = _program(numels, block_tensor, block_start, found_inf, BLOCK, HAS_FOUND_INF)
-    if live:
-        if start + BLOCK <= numel:
-            _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE, OPMATH, ALIGNED, False, SCALE_GRAD,
-                        COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, AMSGRAD)
-        else:
-            _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE, OPMATH, ALIGNED, True, SCALE_GRAD,
-                        COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, AMSGRAD)
-
-
-@triton.jit
-def _rmsprop_block(table, n, t, offs, numel, coef, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+def _rmsprop_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
                    ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
                    L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
-                   CENTERED: tl.constexpr, MOMENTUM: tl.constexpr):
+                   CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, _F3: tl.constexpr):
     p_ptr = _slot(table, 0, n, t, DTYPE, ALIGNED)
     sq_ptr = _slot(table, 2, n, t, DTYPE, ALIGNED)
     p = _load(p_ptr, offs, numel, OPMATH, MASKED)
@@ -204,23 +189,8 @@ def _rmsprop_block(table, n, t, offs, numel, coef, DTYPE: tl.constexpr, OPMATH: 
 
 
 @triton.jit
-def rmsprop_kernel(table, numels, block_tensor, block_start, found_inf, coef, per_tensor, n,
-                   DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                   HAS_FOUND_INF: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
-                   L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
-                   CENTERED: tl.constexpr, MOMENTUM: tl.constexpr):
-    t, offs, start, numel, live = _program(numels, block_tensor, block_start, found_inf, BLOCK, HAS_FOUND_INF)
-    if live:
-        if start + BLOCK <= numel:
-            _rmsprop_block(table, n, t, offs, numel, coef, DTYPE, OPMATH, ALIGNED, False, SCALE_GRAD, COUPLED_L2,
-                           L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, CENTERED, MOMENTUM)
-        else:
-            _rmsprop_block(table, n, t, offs, numel, coef, DTYPE, OPMATH, ALIGNED, True, SCALE_GRAD, COUPLED_L2,
-                           L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, CENTERED, MOMENTUM)
-
-
-@triton.jit
-def _sgd_block(table, n, t, offs, numel, coef, DTYPE: tl.constexpr, OPMATH: tl.constexpr, ALIGNED: tl.constexpr,
+def _sgd_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+               ALIGNED: tl.constexpr,
                MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
                L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
@@ -247,19 +217,22 @@ def _sgd_block(table, n, t, offs, numel, coef, DTYPE: tl.constexpr, OPMATH: tl.c
 
 
 @triton.jit
-def sgd_kernel(table, numels, block_tensor, block_start, found_inf, coef, per_tensor, n,
-               DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-               HAS_FOUND_INF: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
-               L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
-               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
+def step_kernel(table, numels, block_tensor, block_start, found_inf, coef, per_tensor, n, BLOCK_FN: tl.constexpr,
+                DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                HAS_FOUND_INF: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
+                L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
+                F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr):
+    """The one kernel: BLOCK_FN is the family's block function, F1-F3 its own flags (FAMILY_FLAGS)."""
     t, offs, start, numel, live = _program(numels, block_tensor, block_start, found_inf, BLOCK, HAS_FOUND_INF)
     if live:
         if start + BLOCK <= numel:
-            _sgd_block(table, n, t, offs, numel, coef, DTYPE, OPMATH, ALIGNED, False, SCALE_GRAD, COUPLED_L2,
-                       L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, MOMENTUM, NESTEROV, FIRST_STEP)
+            BLOCK_FN(table, n, t, offs, numel, coef, per_tensor, DTYPE, OPMATH, ALIGNED, False, SCALE_GRAD,
+                     COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, F1, F2, F3)
         else:
-            _sgd_block(table, n, t, offs, numel, coef, DTYPE, OPMATH, ALIGNED, True, SCALE_GRAD, COUPLED_L2,
-                       L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, MOMENTUM, NESTEROV, FIRST_STEP)
+            BLOCK_FN(table, n, t, offs, numel, coef, per_tensor, DTYPE, OPMATH, ALIGNED, True, SCALE_GRAD,
+                     COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, F1, F2, F3)
 
 
-KERNELS = {"adam": adam_kernel, "rmsprop": rmsprop_kernel, "sgd": sgd_kernel}
+# family -> its block function, and the names of the flags it takes as F1, F2, F3.
+BLOCKS = {"adam": _adam_block, "rmsprop": _rmsprop_block, "sgd": _sgd_block}
+FAMILY_FLAGS = {"adam": ("AMSGRAD",), "rmsprop": ("CENTERED", "MOMENTUM"), "sgd": ("MOMENTUM", "NESTEROV", "FIRST_STEP")}

@@ -242,10 +242,13 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
         return
     plan.table[1].copy_(grad_ptrs, non_blocking=True)
     aligned = plan.aligned and bool((grad_ptrs % 16 == 0).all())
-    kernels.KERNELS[family][(plan.blocks,)](
+    family_flags = [flags[name] for name in kernels.FAMILY_FLAGS[family]] + [False] * 3
+    kernels.step_kernel[(plan.blocks,)](
         plan.table, plan.numels, plan.block_tensor, plan.block_start, found_inf if found_here else coef, coef,
-        per_tensor, len(grad_ptrs), DTYPE=_TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], BLOCK=plan.block,
-        ALIGNED=aligned, HAS_FOUND_INF=found_here, **_flags(options, grad_scale), **flags, num_warps=NUM_WARPS)
+        per_tensor, len(grad_ptrs), BLOCK_FN=kernels.BLOCKS[family], DTYPE=_TL_DTYPES[dtype],
+        OPMATH=_TL_DTYPES[opmath], BLOCK=plan.block, ALIGNED=aligned, HAS_FOUND_INF=found_here,
+        **_flags(options, grad_scale), F1=family_flags[0], F2=family_flags[1], F3=family_flags[2],
+        num_warps=NUM_WARPS)
 
 
 def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states: list[tuple[str, list, bool]],
