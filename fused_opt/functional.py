@@ -40,16 +40,27 @@ def _dense_alike(p: Tensor, others) -> bool:
                for t in others)
 
 
+def _master_list(masters: Sequence[Tensor | None]) -> list[Tensor]:
+    """The op's master_params: empty when no param of the call has a master copy."""
+    if all(m is None for m in masters):
+        return []
+    if any(m is None for m in masters):
+        raise ValueError("fused_opt: master_params must hold a tensor for every 16-bit param of a (device, dtype) "
+                         "group, or none")
+    return list(masters)
+
+
 class _Group:
     """One (device, dtype) group's lists, made fit for a kernel, and what to copy back after.
 
-    The first `len(mutable)` lists hold one tensor per param (param, grad, states) and must share
-    a dense layout; later lists (step counters) pass through untouched.
+    The first `len(mutable)` lists hold one tensor per param (param, grad, states, masters) and
+    must share a dense layout; later lists (step counters) pass through untouched.
     """
 
     def __init__(self, lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool], indices: list[int],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, master_at: int):
         self.lists = [[lst[i] for i in indices] if lst else [] for lst in lists]
+        self.lists[master_at] = _master_list(self.lists[master_at])
         self.write_back: list[tuple[Tensor, Tensor]] = []
         slots = [k for k in range(len(mutable)) if self.lists[k]]
         # Nothing to fix: everything contiguous and real.
@@ -156,24 +167,29 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
     check all of that themselves before writing anything, so the lists go straight to the op;
     if it refuses them, the slow path groups the params and makes their layouts fit, then calls
     again (and a real error, such as a grad of the wrong dtype, is raised from there).
+    The master_params list (the last of `mutable`) may hold None for params without a master.
     """
     params = lists[0]
     if not params:
         return
+    master_at = len(mutable) - 1
     first = params[0]
     if _is_dtensor(first):
         lists = _local_shards(lists)
         params, first = lists[0], lists[0][0]
-    if not first.dtype.is_complex:
+    masters = lists[master_at]
+    if not first.dtype.is_complex and (all(m is None for m in masters) or all(m is not None for m in masters)):
         kernel = dispatch.select(backend, first.device, first.dtype).kernel(family)
+        call = list(lists)
+        call[master_at] = _master_list(masters)
         try:
-            kernel(*lists, **kwargs, **lr_kwargs(lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
+            kernel(*call, **kwargs, **lr_kwargs(lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
             return
         except RuntimeError:
             pass
     for (device, dtype), indices in _groups(params).items():
         kernel = dispatch.select(backend, device, dtype).kernel(family)
-        group = _Group(lists, mutable, indices, dtype)
+        group = _Group(lists, mutable, indices, dtype, master_at)
         kernel(*group.lists, **kwargs, **lr_kwargs(lr, device), grad_scale=grad_scale, found_inf=found_inf)
         group.finish()
 
@@ -182,55 +198,63 @@ def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
          max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, amsgrad: bool, beta1: float, beta2: float,
          lr: float | Tensor, weight_decay: float, eps: float, maximize: bool, decoupled_weight_decay: bool = False,
          l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
-         found_inf: Tensor | None = None, backend: str = "auto") -> None:
-    """Adam/AdamW step on lists of tensors (torch.optim.adam.adam's arguments, plus L1 and backend)."""
-    names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    _check_lengths("adam", names, lists, (True, True, True, True, amsgrad, True))
+         found_inf: Tensor | None = None, backend: str = "auto",
+         master_params: list[Tensor | None] | None = None) -> None:
+    """Adam/AdamW step on lists of tensors (torch.optim.adam.adam's arguments, plus L1, backend and
+    master_params: float32 master copies of 16-bit params, None for a param without one)."""
+    names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps")
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params or [], state_steps)
+    _check_lengths("adam", names, lists, (True, True, True, True, amsgrad, False, True))
     kwargs = adam_options(amsgrad=amsgrad, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                           maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, l1=l1, l1_mode=l1_mode)
-    # state_steps are one-element counters: exempt from the layout fix-up (mutable list is 5 long).
-    _run("adam", names, lists, (True, False, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
+    # state_steps are one-element counters: exempt from the layout fix-up (mutable list is 6 long).
+    _run("adam", names, lists, (True, False, True, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
 
 
 def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
             momentum_buffer_list: list[Tensor], state_steps: list[Tensor], *, lr: float | Tensor, alpha: float,
             eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool, l1: float = 0.0,
             l1_mode: str = "subgradient", grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-            backend: str = "auto") -> None:
-    """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, plus L1 and backend)."""
-    names = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffer_list", "state_steps")
+            backend: str = "auto", master_params: list[Tensor | None] | None = None) -> None:
+    """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, plus L1, backend and
+    master_params as in `adam`)."""
+    names = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffer_list", "master_params", "state_steps")
     lists = (params, grads, square_avgs, grad_avgs if centered else [],
-             momentum_buffer_list if momentum > 0 else [], state_steps)
-    _check_lengths("rmsprop", names, lists, (True, True, True, centered, momentum > 0, True))
+             momentum_buffer_list if momentum > 0 else [], master_params or [], state_steps)
+    _check_lengths("rmsprop", names, lists, (True, True, True, centered, momentum > 0, False, True))
     kwargs = rmsprop_options(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
                              maximize=maximize, l1=l1, l1_mode=l1_mode)
-    _run("rmsprop", names, lists, (True, False, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
+    _run("rmsprop", names, lists, (True, False, True, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
 
 
 def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list[Tensor | None], *,
         lr: float | Tensor, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
         l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None, backend: str = "auto") -> None:
-    """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, plus L1 and backend).
+        found_inf: Tensor | None = None, backend: str = "auto",
+        master_params: list[Tensor | None] | None = None) -> None:
+    """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, plus L1, backend and
+    master_params as in `adam`).
 
-    As in torch, a None momentum buffer is created from the first gradient; the new buffers are
-    put into `momentum_buffer_list`.
+    As in torch, a None momentum buffer is created from the first gradient (float32 for a param
+    with a master copy); the new buffers are put into `momentum_buffer_list`.
     """
-    names = ("params", "d_p_list", "momentum_buffer_list")
-    _check_lengths("sgd", names, (params, d_p_list, momentum_buffer_list), (True, True, momentum != 0))
+    names = ("params", "d_p_list", "momentum_buffer_list", "master_params")
+    masters = master_params or []
+    _check_lengths("sgd", names, (params, d_p_list, momentum_buffer_list, masters), (True, True, momentum != 0, False))
     kwargs = sgd_options(weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
                          maximize=maximize, l1=l1, l1_mode=l1_mode)
-    mutable = (True, False, True)
+    mutable = (True, False, True, True)
     if momentum == 0:
-        _run("sgd", names, (params, d_p_list, []), mutable, kwargs, lr, backend, grad_scale, found_inf)
+        _run("sgd", names, (params, d_p_list, [], masters), mutable, kwargs, lr, backend, grad_scale, found_inf)
         return
     fresh = [i for i, b in enumerate(momentum_buffer_list) if b is None]
-    new_buffers = {i: torch.empty_like(d_p_list[i]) for i in fresh}  # torch clones the grad
+    new_buffers = {i: torch.empty_like(d_p_list[i], dtype=torch.float32 if masters and masters[i] is not None else None)
+                   for i in fresh}  # torch clones the grad
     for first_step, idx in ((False, [i for i, b in enumerate(momentum_buffer_list) if b is not None]), (True, fresh)):
         if idx:
             bufs = [new_buffers[i] if first_step else momentum_buffer_list[i] for i in idx]
-            _run("sgd", names, ([params[i] for i in idx], [d_p_list[i] for i in idx], bufs), mutable,
+            _run("sgd", names, ([params[i] for i in idx], [d_p_list[i] for i in idx], bufs,
+                                [masters[i] for i in idx] if masters else []), mutable,
                  dict(kwargs, first_step=first_step), lr, backend, grad_scale, found_inf)
     skipped = found_inf is not None and bool(found_inf)
     for i, buf in new_buffers.items():

@@ -5,6 +5,9 @@ Schemas and fake (meta) implementations live here, in Python, so the package imp
 these schemas (csrc/cpu/ops_cpu.cpp for CPU, csrc/cuda/ops_cuda.cu for CUDA); importing it is
 what `load_extensions` does. Each op checks its inputs, advances the step counters it owns, and
 updates params and state in one pass; `found_inf` set means nothing is touched.
+
+`master_params` is empty, or holds a float32 master copy of each (16-bit) param: the update
+then runs on the master (states float32 too) and the param gets the master's value rounded.
 """
 
 from __future__ import annotations
@@ -18,19 +21,19 @@ _SCALARS = "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=N
 SCHEMAS = {
     "adam_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, "
-        "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-        f"float l1, bool l1_proximal, {_SCALARS}) -> ()"
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(f!)[] master_params, Tensor(e!)[] state_steps, *, float lr, "
+        "float beta1, float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
+        f"bool decoupled_weight_decay, float l1, bool l1_proximal, {_SCALARS}) -> ()"
     ),
     "rmsprop_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] grad_avgs, "
-        "Tensor(d!)[] momentum_buffers, Tensor(e!)[] state_steps, *, float lr, float alpha, float eps, "
-        "float weight_decay, float momentum, bool centered, bool maximize, float l1, bool l1_proximal, "
-        f"{_SCALARS}) -> ()"
+        "Tensor(d!)[] momentum_buffers, Tensor(f!)[] master_params, Tensor(e!)[] state_steps, *, float lr, "
+        "float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize, float l1, "
+        f"bool l1_proximal, {_SCALARS}) -> ()"
     ),
     "sgd_": (
-        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, float lr, "
-        "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(f!)[] master_params, *, "
+        "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
         f"bool first_step, float l1, bool l1_proximal, {_SCALARS}) -> ()"
     ),
 }

@@ -1,14 +1,16 @@
 """fused_opt.Adam, AdamW, RMSprop and SGD: drop-in torch.optim optimizers.
 
 Same constructor arguments, defaults, validation messages, param_groups and state_dict as
-torch.optim's, plus three arguments of our own: `l1` (L1 penalty strength), `l1_mode`
-("subgradient" or "proximal") and `backend` ("auto", "cpu", "cuda", "triton", "reference").
+torch.optim's, plus arguments of our own: `l1` (L1 penalty strength), `l1_mode` ("subgradient"
+or "proximal"), `backend` ("auto", "cpu", "cuda", "triton", "reference"), `master_weights`
+(float32 master copies of 16-bit params, see below) and `skip_nonfinite`.
 Each step reads every hyperparameter from param_groups, gathers the params that have grads
 (creating torch.optim's state lazily) and makes one fused call per (device, dtype) group.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -17,7 +19,13 @@ from torch.optim import Optimizer
 
 from . import dispatch, functional, tables
 
-_EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto"}
+_EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto", "master_weights": False}
+
+# master_weights=True: each float16/bfloat16 param keeps a float32 copy in its state under this
+# key, and its states are float32. The update runs on the copy, and the param receives it rounded
+# (once, in the same pass), so small updates accumulate instead of vanishing in 16-bit rounding.
+MASTER_KEY = "master_param"
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_range(name: str, value, low=0.0, high=None, high_open=True) -> None:
@@ -55,7 +63,7 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, *, l1: float, l1_mode: str, backend: str,
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, master_weights: bool = False) -> None:
         _check_range("l1 value", l1)
         if l1_mode not in functional.L1_MODES:
             raise ValueError(f"Invalid l1_mode: {l1_mode!r}; expected 'subgradient' or 'proximal'")
@@ -65,7 +73,7 @@ class FusedOptimizer(Optimizer):
                                "update params in place, outside autograd; use torch.optim for that")
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        defaults.update(l1=l1, l1_mode=l1_mode, backend=backend)
+        defaults.update(l1=l1, l1_mode=l1_mode, backend=backend, master_weights=bool(master_weights))
         super().__init__(params, defaults)
         # skip_nonfinite: a step whose grads hold any NaN/Inf changes nothing and is counted.
         self.skip_nonfinite = skip_nonfinite
@@ -110,6 +118,50 @@ class FusedOptimizer(Optimizer):
         dispatch.check_backend_name(group["backend"])
         for p in group["params"]:  # fail now, not at the first step, if no backend can run them
             dispatch.select(group["backend"], p.device, p.dtype)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        ours = [{key: group[key] for key in _EXTRA_DEFAULTS} for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        # A torch.optim state_dict has no l1/l1_mode/backend/master_weights: keep this optimizer's.
+        for group, saved, extra in zip(self.param_groups, state_dict["param_groups"], ours):
+            group.update({key: value for key, value in extra.items() if key not in saved})
+        # torch.optim casts floating state to its param's dtype; the float32 master copy and states
+        # of a 16-bit param under master_weights are put back from the source, to resume exactly.
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        for (p, group), pid in zip(((p, g) for g in self.param_groups for p in g["params"]), saved_ids):
+            if p.dtype not in _HALF or not group["master_weights"]:
+                continue
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
+                    self.state[p][key] = value.to(p.device, copy=True)
+
+    @staticmethod
+    def _state_dtype(p: Tensor, group: dict) -> torch.dtype:
+        return torch.float32 if group["master_weights"] and p.dtype in _HALF else p.dtype
+
+    def _zeros(self, p: Tensor, group: dict) -> Tensor:
+        """A new state tensor for p: like p, float32 under master weights."""
+        return torch.zeros_like(p, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
+
+    def _master(self, p: Tensor, state: dict, group: dict) -> Tensor | None:
+        """p's float32 master copy under master_weights (None: p has none). State made without one
+        (a torch.optim checkpoint, or master_weights switched on mid-run) is converted to float32
+        here; switched off, the copy is dropped and the states go back to p's dtype."""
+        if self._state_dtype(p, group) != p.dtype:
+            master = state.get(MASTER_KEY)
+            if master is None:
+                for key, value in list(state.items()):
+                    if key != "step" and isinstance(value, Tensor) and value.dtype in _HALF:
+                        state[key] = value.float()
+                master = state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
+                                                           copy=True)
+            return master
+        if MASTER_KEY in state:
+            del state[MASTER_KEY]
+            for key, value in list(state.items()):
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    state[key] = value.to(p.dtype)
+        return None
 
     def _new_step(self, p: Tensor, group: dict) -> Tensor:
         # torch.optim's step counter: a CPU scalar, or on the param's device when capturable/fused.
@@ -179,12 +231,14 @@ class FusedOptimizer(Optimizer):
             self._tables.begin(self.state)
         for group in self.param_groups:
             options = self._options(group)
-            if fast and self._tables.run(self.family, group, options, amp):
+            # Groups with master weights take the op path (the tables have no slot for the copies).
+            tabled = fast and not group["master_weights"]
+            if tabled and self._tables.run(self.family, group, options, amp):
                 continue
             params, grads = gathered[id(group)] if gathered else self._grads_of(group)
             if params:
                 self._update(group, params, grads, dict(options, lr=group["lr"], backend=group["backend"], **amp))
-                if fast:
+                if tabled:
                     self._tables.learn(self.family, group, params, self.state, *self._state_keys(group))
         if fast:
             self._tables.end(self.state)
@@ -214,7 +268,8 @@ class Adam(FusedOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, l1: float = 0.0,
-                 l1_mode: str = "subgradient", backend: str = "auto", skip_nonfinite: bool = False) -> None:
+                 l1_mode: str = "subgradient", backend: str = "auto", skip_nonfinite: bool = False,
+                 master_weights: bool = False) -> None:
         _check_lr(lr)
         _check_range("epsilon value", eps)
         _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
@@ -224,7 +279,8 @@ class Adam(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     @staticmethod
     def _torch_defaults() -> dict:
@@ -232,22 +288,24 @@ class Adam(FusedOptimizer):
                 "decoupled_weight_decay": False}
 
     def _update(self, group, params, grads, kwargs):
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters = [], [], [], [], []
         all_state = self.state
         for p in params:
             state = all_state[p]
             if not state:
                 state["step"] = self._new_step(p, group)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = self._zeros(p, group)
+                state["exp_avg_sq"] = self._zeros(p, group)
             if group["amsgrad"]:
                 if "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["max_exp_avg_sq"] = self._zeros(p, group)
+            masters.append(self._master(p, state, group))
+            if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        functional.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs)
+        functional.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=masters, **kwargs)
 
     def _options(self, group):
         beta1, beta2 = group["betas"]
@@ -265,11 +323,11 @@ class AdamW(Adam):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, l1: float = 0.0, l1_mode: str = "subgradient",
-                 backend: str = "auto", skip_nonfinite: bool = False) -> None:
+                 backend: str = "auto", skip_nonfinite: bool = False, master_weights: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode, backend=backend,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -286,7 +344,7 @@ class RMSprop(FusedOptimizer):
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
                  l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto",
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, master_weights: bool = False) -> None:
         _check_lr(lr)
         _check_range("epsilon value", eps)
         _check_range("momentum value", momentum)
@@ -295,30 +353,33 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
-        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     @staticmethod
     def _torch_defaults() -> dict:
         return {**FusedOptimizer._torch_defaults(), "momentum": 0, "centered": False, "capturable": False}
 
     def _update(self, group, params, grads, kwargs):
-        square_avgs, grad_avgs, momentum_buffers, steps = [], [], [], []
+        square_avgs, grad_avgs, momentum_buffers, steps, masters = [], [], [], [], []
         for p in params:
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = self._new_step(p, group)
-                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["square_avg"] = self._zeros(p, group)
+            if group["momentum"] > 0 and "momentum_buffer" not in state:
+                state["momentum_buffer"] = self._zeros(p, group)
+            if group["centered"] and "grad_avg" not in state:
+                state["grad_avg"] = self._zeros(p, group)
+            masters.append(self._master(p, state, group))
             if group["momentum"] > 0:
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 momentum_buffers.append(state["momentum_buffer"])
             if group["centered"]:
-                if "grad_avg" not in state:
-                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 grad_avgs.append(state["grad_avg"])
             square_avgs.append(state["square_avg"])
             steps.append(state["step"])
-        functional.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, **kwargs)
+        functional.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, master_params=masters,
+                           **kwargs)
 
     def _options(self, group):
         return dict(super()._options(group), alpha=group["alpha"], eps=group["eps"], momentum=group["momentum"],
@@ -338,7 +399,7 @@ class SGD(FusedOptimizer):
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto",
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, master_weights: bool = False) -> None:
         _check_lr(lr)
         _check_range("momentum value", momentum)
         _check_range("weight_decay value", weight_decay)
@@ -347,15 +408,17 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, l1=l1, l1_mode=l1_mode, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     @staticmethod
     def _torch_defaults() -> dict:
         return {**FusedOptimizer._torch_defaults(), "nesterov": False, "fused": False}
 
     def _update(self, group, params, grads, kwargs):
+        masters = [self._master(p, self.state[p], group) for p in params]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
-        functional.sgd(params, grads, buffers, **kwargs)
+        functional.sgd(params, grads, buffers, master_params=masters, **kwargs)
         for p, buf in zip(params, buffers):
             if buf is not None:
                 self.state[p]["momentum_buffer"] = buf

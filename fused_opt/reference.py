@@ -2,7 +2,7 @@
 
 The readable oracle for the tests and the last-resort backend. Same signatures as the ops in
 ops.py; one tensor at a time, math in float32 (float64 for float64 params), 16-bit tensors
-rounded once on store. Written for clarity, not speed, and without host syncs or data-dependent
+rounded once on store; with master_params, on the float32 master copy. Written for clarity, not speed, and without host syncs or data-dependent
 branches (lr, grad_scale, found_inf and the step counters may be tensors), so that torch.compile
 can trace it whole.
 """
@@ -27,6 +27,18 @@ def _scalars(lr, lr_tensor, grad_scale):
 def _commit(dst: Tensor, new: Tensor, skip: Tensor | None) -> None:
     """dst = new, unless found_inf said to skip the step (then dst keeps its value)."""
     dst.copy_(new if skip is None else torch.where(skip, _opmath(dst), new))
+
+
+def _weights(param: Tensor, masters, i: int) -> Tensor:
+    """The value the update runs on: the float32 master copy when there is one, else the param."""
+    return masters[i].float() if masters else _opmath(param)
+
+
+def _commit_param(param: Tensor, masters, i: int, p: Tensor, skip: Tensor | None) -> None:
+    """Writes the updated value: to the master (if any) and to the param, rounded once."""
+    if masters:
+        _commit(masters[i], p, skip)
+    _commit(param, p, skip)
 
 
 def _skip_mask(found_inf: Tensor | None) -> Tensor | None:
@@ -63,14 +75,14 @@ def finish_param(p, *, lr, l1, l1_proximal):
     return p
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *, lr, beta1, beta2,
           weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, l1, l1_proximal,
           lr_tensor=None, grad_scale=None, found_inf=None) -> None:
     lr, inv_scale = _scalars(lr, lr_tensor, grad_scale)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
         step = _advance(state_steps[i], skip)
-        p, g = prepare_grad(_opmath(param), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
+        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
                             weight_decay=weight_decay, decoupled=decoupled_weight_decay, l1=l1,
                             l1_proximal=l1_proximal)
         m = torch.lerp(_opmath(exp_avgs[i]), g, 1 - beta1)
@@ -87,17 +99,17 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
         _commit(exp_avgs[i], m, skip)
         _commit(exp_avg_sqs[i], v, skip)
-        _commit(param, p, skip)
+        _commit_param(param, master_params, i, p, skip)
 
 
-def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps,
+def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, state_steps, *, lr, alpha, eps,
              weight_decay, momentum, centered, maximize, l1, l1_proximal,
              lr_tensor=None, grad_scale=None, found_inf=None) -> None:
     lr, inv_scale = _scalars(lr, lr_tensor, grad_scale)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
         _advance(state_steps[i], skip)
-        p, g = prepare_grad(_opmath(param), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
+        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
                             weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
         sq = _opmath(square_avgs[i]) * alpha + (1 - alpha) * g * g
         if centered:
@@ -115,15 +127,15 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
             p = p + (-lr) * (g / avg)
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
         _commit(square_avgs[i], sq, skip)
-        _commit(param, p, skip)
+        _commit_param(param, master_params, i, p, skip)
 
 
-def sgd_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
+def sgd_(params, grads, momentum_buffers, master_params, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
          first_step, l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
     lr, inv_scale = _scalars(lr, lr_tensor, grad_scale)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
-        p, g = prepare_grad(_opmath(param), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
+        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
                             weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
         if momentum != 0:
             buf = g if first_step else _opmath(momentum_buffers[i]) * momentum + (1 - dampening) * g
@@ -131,4 +143,4 @@ def sgd_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, dampeni
             _commit(momentum_buffers[i], buf, skip)
         p = p + (-lr) * g
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
-        _commit(param, p, skip)
+        _commit_param(param, master_params, i, p, skip)

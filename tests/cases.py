@@ -85,12 +85,14 @@ class Case:
     layout: str
     backend: str
     device: str = "cpu"
+    master: bool = False  # master_weights=True (16-bit params with float32 master copies)
     kwargs: dict = field(hash=False, compare=False, default_factory=dict)
 
     @property
     def id(self) -> str:
         where = f"-{self.device}" if self.device != self.backend and self.device != "cpu" else ""
-        return f"{self.algo}-{self.option}-{self.reg}-{self.dtype}-{self.layout}-{self.backend}{where}"
+        master = "-master" if self.master else ""
+        return f"{self.algo}-{self.option}-{self.reg}-{self.dtype}{master}-{self.layout}-{self.backend}{where}"
 
     @property
     def marks(self):
@@ -118,12 +120,14 @@ class Case:
         return {k: v for k, v in self.kwargs.items() if k not in ("l1", "l1_mode")}
 
 
-def _case(algo, option, reg, dtype, layout, backend, device="cpu") -> Case:
+def _case(algo, option, reg, dtype, layout, backend, device="cpu", master=False) -> Case:
     base, variants = ALGORITHMS[algo][2], ALGORITHMS[algo][3]
     kwargs = {**base, **variants[option], **REGULARISATION[reg]}
     if option == "decoupled" and reg in ("none", "l1sub", "l1prox"):
         kwargs["weight_decay"] = 0.1  # decoupled decay needs a decay to mean anything
-    return Case(algo, option, reg, dtype, layout, backend, device, kwargs)
+    if master:
+        kwargs["master_weights"] = True
+    return Case(algo, option, reg, dtype, layout, backend, device, master, kwargs)
 
 
 def build_cases(backends=("cpu", "reference", "cuda_sim"), device="cpu", dtypes=tuple(DTYPES)) -> list[Case]:
@@ -152,3 +156,16 @@ def triton_interpreter_cases() -> list[Case]:
 
 
 CASES = build_cases() + triton_interpreter_cases() + build_cases(backends=("cuda", "triton"), device="cuda")
+
+
+def build_master_cases(backends=("cpu", "cuda_sim"), device="cpu", regs=("none", "elastic")) -> list[Case]:
+    """master_weights=True: every option of every algorithm, 16-bit params, with and without
+    regularisation (the yardstick is the reference backend with master weights, float32 math)."""
+    return [_case(algo, option, reg, dtype, "mixed", backend, device, master=True)
+            for algo, (_, _, _, variants) in ALGORITHMS.items()
+            for option, reg, dtype, backend in itertools.product(variants, regs, ("bf16", "f16"), backends)]
+
+
+MASTER_CASES = (build_master_cases()
+                + [c for c in build_master_cases(("triton",), regs=("elastic",)) if c.dtype == "bf16"]
+                + build_master_cases(("cuda", "triton"), device="cuda"))

@@ -105,7 +105,7 @@ def test_kernel_checks_leave_everything_untouched(bad, op_name):
     before = [[t.clone() for t in lst] for lst in inputs]
     op = getattr(torch.ops.fused_opt, op_name)
     with pytest.raises(RuntimeError, match="fused_opt::adam_"):
-        op(inputs[0], inputs[1], inputs[2], inputs[3], [], inputs[4], lr=0.1, beta1=0.9, beta2=0.999,
+        op(inputs[0], inputs[1], inputs[2], inputs[3], [], [], inputs[4], lr=0.1, beta1=0.9, beta2=0.999,
            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
            l1_proximal=False)
     for lst, saved in zip(inputs, before):

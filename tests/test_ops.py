@@ -16,7 +16,7 @@ def _lists(n, size, dtype=torch.float32):
 
 def _adam_args(amsgrad):
     args = (_lists(2, 9), _lists(2, 9), _lists(2, 9), [t.abs() for t in _lists(2, 9)],
-            [t.abs() for t in _lists(2, 9)] if amsgrad else [], [torch.tensor(3.0), torch.tensor(3.0)])
+            [t.abs() for t in _lists(2, 9)] if amsgrad else [], [], [torch.tensor(3.0), torch.tensor(3.0)])
     kwargs = dict(lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=amsgrad, maximize=False,
                   decoupled_weight_decay=True, l1=0.01, l1_proximal=True)
     return args, kwargs
@@ -24,13 +24,13 @@ def _adam_args(amsgrad):
 
 def _rmsprop_args():
     args = (_lists(2, 9), _lists(2, 9), [t.abs() for t in _lists(2, 9)], [t * 0 for t in _lists(2, 9)], _lists(2, 9),
-            [torch.tensor(1.0), torch.tensor(1.0)])
+            [], [torch.tensor(1.0), torch.tensor(1.0)])
     return args, dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=True,
                       l1=0.01, l1_proximal=False)
 
 
 def _sgd_args():
-    args = (_lists(3, 5), _lists(3, 5), _lists(3, 5))
+    args = (_lists(3, 5), _lists(3, 5), _lists(3, 5), [])
     return args, dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True, maximize=False,
                       first_step=False, l1=0.0, l1_proximal=False, lr_tensor=torch.tensor(0.05))
 
@@ -69,4 +69,4 @@ def test_op_updates_in_place_once_per_call():
     before = [p.clone() for p in args[0]]
     torch.ops.fused_opt.adam_(*args, **kwargs)
     assert all(not torch.equal(p, b) for p, b in zip(args[0], before))
-    assert [float(s) for s in args[5]] == [4.0, 4.0]
+    assert [float(s) for s in args[6]] == [4.0, 4.0]

@@ -49,7 +49,7 @@ def test_same_keys_shapes_dtypes_as_torch(algo):
             x, y = a["state"][i][key], b["state"][i][key]
             assert (x.dtype, x.shape, x.device) == (y.dtype, y.shape, y.device), (i, key)
     for ga, gb in zip(a["param_groups"], b["param_groups"]):
-        assert set(ga) - set(gb) == {"l1", "l1_mode", "backend"}
+        assert set(ga) - set(gb) == {"l1", "l1_mode", "backend", "master_weights"}
         assert {k: ga[k] for k in gb if k != "foreach"} == {k: v for k, v in gb.items() if k != "foreach"}
 
 
@@ -72,6 +72,22 @@ def test_load_across_and_continue(algo, direction):
     for p, q in zip(params, cont_params):
         for key in opt.state[p]:
             torch.testing.assert_close(cont.state[q][key], opt.state[p][key], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_state_dict_keeps_our_own_options():
+    """A torch.optim state_dict has no l1/l1_mode/backend/master_weights: loading one keeps the
+    optimizer's (L1 must not silently switch off); a fused_opt state_dict brings its own."""
+    params, stock = _fresh(torch.optim.Adam, {"lr": 1e-2})
+    _run(stock, params, 2)
+    ours = fused_opt.Adam([p.detach().clone().requires_grad_() for p in params], lr=1e-3, l1=0.01,
+                          l1_mode="proximal", backend="reference", master_weights=True)
+    ours.load_state_dict(stock.state_dict())
+    group = ours.param_groups[0]
+    assert (group["lr"], group["l1"], group["l1_mode"], group["backend"], group["master_weights"]) == (
+        1e-2, 0.01, "proximal", "reference", True)
+    other = fused_opt.Adam([p.detach().clone().requires_grad_() for p in params], l1=0.5)
+    other.load_state_dict(ours.state_dict())
+    assert (other.param_groups[0]["l1"], other.param_groups[0]["backend"]) == (0.01, "reference")
 
 
 def _resume_configs():

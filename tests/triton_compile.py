@@ -25,12 +25,13 @@ DTYPES = {"fp32": (tl.float32, tl.float32), "bf16": (tl.bfloat16, tl.float32), "
           "fp64": (tl.float64, tl.float64)}
 
 
-def compile_variant(family: str, dtype: str, arch: int, flags_on: bool) -> int:
+def compile_variant(family: str, dtype: str, arch: int, flags_on: bool, master: bool = False) -> int:
     fn = kernels.step_kernel
     names = list(inspect.signature(fn.fn).parameters)
     storage, opmath = DTYPES[dtype]
     math_ptr = "*fp64" if opmath == tl.float64 else "*fp32"
-    consts = {"BLOCK_FN": kernels.BLOCKS[family], "DTYPE": storage, "OPMATH": opmath, "BLOCK": 2048, "ALIGNED": True}
+    consts = {"BLOCK_FN": kernels.BLOCKS[family], "DTYPE": storage, "STATE": tl.float32 if master else storage,
+              "OPMATH": opmath, "MASTER": master, "BLOCK": 2048, "ALIGNED": True}
     consts.update({k: flags_on for k in names[names.index("HAS_FOUND_INF"):]})
     signature = {k: POINTERS.get(k, math_ptr) for k in names if k not in consts}
     signature.update({k: "constexpr" for k in consts})
@@ -46,4 +47,5 @@ if __name__ == "__main__":
             for arch in (80, 90):
                 out[f"{family}-{dtype}-sm{arch}"] = compile_variant(family, dtype, arch, True)
         out[f"{family}-fp32-sm90-plain"] = compile_variant(family, "fp32", 90, False)
+        out[f"{family}-bf16-sm90-master"] = compile_variant(family, "bf16", 90, True, master=True)
     json.dump(out, sys.stdout)

@@ -22,10 +22,10 @@ struct SimRunner {
     return params[0].device();
   }
 
-  template <typename scalar_t, typename Family>
+  template <typename scalar_t, bool Master, typename Family>
   static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
     for (int b = 0; b < blocks; ++b) {
-      for (int t = 0; t < kThreads; ++t) process_block<scalar_t>(meta, s, family, b, t, kThreads);
+      for (int t = 0; t < kThreads; ++t) process_block<scalar_t, Master>(meta, s, family, b, t, kThreads);
     }
   }
 };

@@ -7,7 +7,7 @@
 
 namespace fused_opt::cpu {
 
-void add_tensor(Launch& launch, const std::array<void*, kSlots>& ptr, int64_t numel) {
+void add_tensor(Launch& launch, const Pointers& ptr, int64_t numel) {
   const auto index = static_cast<int32_t>(launch.tensors.size());
   launch.tensors.push_back({ptr, numel, 0.0});
   for (int64_t b = 0; b < numel; b += kChunk) {

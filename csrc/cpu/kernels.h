@@ -11,6 +11,10 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
 #include "launch.h"
 #include "vec_ops.h"
 
@@ -19,49 +23,110 @@ namespace fused_opt::cpu::CPU_CAPABILITY {
 template <typename scalar_t>
 constexpr bool is_16bit = std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
-// Runs fn(x) over n elements, where x[k] is slot k's value. Only the slots in Mask (bit k: slot
-// k is in use) are loaded, and of those all but slot 1 (the grad) are stored; Mask is a template
-// argument so that the loop for each family's slot pattern compiles to straight-line SIMD code.
+// Slot k's element type: params and grads are scalar_t; states are float32 when master weights
+// are in use (Master), else scalar_t; the master copy (slot kMaster) is float32.
+template <typename scalar_t, bool Master, int k>
+using slot_t = std::conditional_t<k == kMaster || (Master && k >= 2), float, scalar_t>;
+
+// Loads and stores of one slot as opmath vectors: 16-bit types convert to and from two float
+// vectors; float32 in a 16-bit loop (master weights) is two plain float vectors.
+template <typename scalar_t, typename T>
+struct SlotIO {
+  using OVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
+  static std::tuple<OVec, OVec> load(const T* p) {
+    if constexpr (is_16bit<T>) {
+      return at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    } else {
+      return {OVec::loadu(p), OVec::loadu(p + OVec::size())};
+    }
+  }
+  static void store(T* p, const OVec& lo, const OVec& hi) {
+    if constexpr (is_16bit<T>) {
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    } else {
+      lo.store(p);
+      hi.store(p + OVec::size());
+    }
+  }
+};
+
+// Which slots a loop touches, from its Mask (bit k: slot k is in use; bit kMaster: master
+// weights). All but slot 1 (the grad) are stored; with master weights x[0] is the master's
+// value, so the param itself is written (rounded from it) but never read.
+template <int Mask>
+struct Slots {
+  static constexpr bool master = ((Mask >> kMaster) & 1) != 0;
+  static constexpr bool in_use(int k) { return ((Mask >> k) & 1) != 0; }
+  static constexpr bool loaded(int k) { return in_use(k) && !(master && k == 0); }
+  static constexpr bool stored(int k) { return in_use(k) && k != 1; }
+};
+
+// Calls f(std::integral_constant<int, k>) for k = 0 .. kPointers-1 (each slot gets its own type).
+template <typename F, int... k>
+void for_slots(F&& f, std::integer_sequence<int, k...>) {
+  (f(std::integral_constant<int, k>{}), ...);
+}
+template <typename F>
+void for_slots(F&& f) {
+  for_slots(f, std::make_integer_sequence<int, kPointers>{});
+}
+
+// Runs fn(x) over n elements from element `begin` on, where x[k] is slot k's value (in opmath).
+// Mask is a template argument so that the loop for each family's slot pattern compiles to
+// straight-line SIMD code.
 template <typename scalar_t, int Mask, typename Fn>
-void for_each_element(const std::array<scalar_t*, kSlots>& ptr, int64_t n, const Fn& fn) {
+void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& fn) {
   using Vec = at::vec::Vectorized<scalar_t>;
   using opmath_t = at::opmath_type<scalar_t>;
   using OVec = at::vec::Vectorized<opmath_t>;
-  constexpr auto loaded = [](int k) { return ((Mask >> k) & 1) != 0; };
-  constexpr auto stored = [](int k) { return ((Mask >> k) & 1) != 0 && k != 1; };
+  using S = Slots<Mask>;
+  static_assert(!S::master || is_16bit<scalar_t>, "master weights are for 16-bit params");
+  auto ptr = [&](auto k) {  // slot k's typed pointer at `begin`
+    return static_cast<slot_t<scalar_t, S::master, decltype(k)::value>*>(base[decltype(k)::value]) + begin;
+  };
   constexpr int64_t width = Vec::size();
   int64_t i = 0;
   for (; i + width <= n; i += width) {
     if constexpr (is_16bit<scalar_t>) {
-      std::array<OVec, kSlots> lo, hi;
-      for (int k = 0; k < kSlots; ++k) {
-        if (loaded(k)) std::tie(lo[k], hi[k]) = at::vec::convert_to_float<scalar_t>(Vec::loadu(ptr[k] + i));
-      }
+      std::array<OVec, kPointers> lo, hi;
+      for_slots([&](auto k) {
+        constexpr int K = decltype(k)::value;
+        if constexpr (S::loaded(K)) std::tie(lo[K], hi[K]) = SlotIO<scalar_t, slot_t<scalar_t, S::master, K>>::load(ptr(k) + i);
+      });
+      if constexpr (S::master) lo[0] = lo[kMaster], hi[0] = hi[kMaster];
       fn(lo);
       fn(hi);
-      for (int k = 0; k < kSlots; ++k) {
-        if (stored(k)) at::vec::convert_from_float<scalar_t>(lo[k], hi[k]).store(ptr[k] + i);
-      }
+      if constexpr (S::master) lo[kMaster] = lo[0], hi[kMaster] = hi[0];
+      for_slots([&](auto k) {
+        constexpr int K = decltype(k)::value;
+        if constexpr (S::stored(K)) SlotIO<scalar_t, slot_t<scalar_t, S::master, K>>::store(ptr(k) + i, lo[K], hi[K]);
+      });
     } else {
-      std::array<OVec, kSlots> x;
-      for (int k = 0; k < kSlots; ++k) {
-        if (loaded(k)) x[k] = OVec::loadu(ptr[k] + i);
-      }
+      std::array<OVec, kPointers> x;
+      for_slots([&](auto k) {
+        constexpr int K = decltype(k)::value;
+        if constexpr (S::loaded(K)) x[K] = OVec::loadu(ptr(k) + i);
+      });
       fn(x);
-      for (int k = 0; k < kSlots; ++k) {
-        if (stored(k)) x[k].store(ptr[k] + i);
-      }
+      for_slots([&](auto k) {
+        constexpr int K = decltype(k)::value;
+        if constexpr (S::stored(K)) x[K].store(ptr(k) + i);
+      });
     }
   }
   for (; i < n; ++i) {
-    std::array<opmath_t, kSlots> x{};
-    for (int k = 0; k < kSlots; ++k) {
-      if (loaded(k)) x[k] = static_cast<opmath_t>(ptr[k][i]);
-    }
+    std::array<opmath_t, kPointers> x{};
+    for_slots([&](auto k) {
+      constexpr int K = decltype(k)::value;
+      if constexpr (S::loaded(K)) x[K] = static_cast<opmath_t>(ptr(k)[i]);
+    });
+    if constexpr (S::master) x[0] = x[kMaster];
     fn(x);
-    for (int k = 0; k < kSlots; ++k) {
-      if (stored(k)) ptr[k][i] = static_cast<scalar_t>(x[k]);
-    }
+    if constexpr (S::master) x[kMaster] = x[0];
+    for_slots([&](auto k) {
+      constexpr int K = decltype(k)::value;
+      if constexpr (S::stored(K)) ptr(k)[i] = static_cast<slot_t<scalar_t, S::master, K>>(x[K]);
+    });
   }
 }
 
@@ -76,12 +141,9 @@ void run_masked(const Launch& launch, const std::vector<Coeffs>& coeffs, const U
     for (int64_t c = first; c < last; ++c) {
       const Chunk& chunk = launch.chunks[c];
       const TensorJob& job = launch.tensors[chunk.tensor];
-      std::array<scalar_t*, kSlots> ptr;
-      for (int k = 0; k < kSlots; ++k) {
-        ptr[k] = job.ptr[k] ? static_cast<scalar_t*>(job.ptr[k]) + chunk.begin : nullptr;
-      }
       const Coeffs& coeff = coeffs[chunk.tensor];
-      for_each_element<scalar_t, Mask>(ptr, chunk.end - chunk.begin, [&](auto& x) { update(x, coeff); });
+      for_each_element<scalar_t, Mask>(job.ptr, chunk.begin, chunk.end - chunk.begin,
+                                       [&](auto& x) { update(x, coeff); });
     }
   };
   const int64_t n = static_cast<int64_t>(launch.chunks.size());
@@ -94,9 +156,20 @@ void run_masked(const Launch& launch, const std::vector<Coeffs>& coeffs, const U
 
 // The slot patterns the three families use: param+grad (SGD), +1 state (SGD momentum, RMSprop),
 // +2 (Adam, RMSprop centered), slots 0-2 and 4 (RMSprop momentum), all five (Adam amsgrad,
-// RMSprop centered with momentum).
+// RMSprop centered with momentum); each also with master weights for 16-bit params.
 template <typename scalar_t, typename Coeffs, typename Update>
 void run(const Launch& launch, const std::vector<Coeffs>& coeffs, const Update& update) {
+  constexpr int M = 1 << kMaster;
+  if constexpr (is_16bit<scalar_t>) {
+    switch (launch.slot_mask) {
+      case M | 0b00011: return run_masked<scalar_t, M | 0b00011>(launch, coeffs, update);
+      case M | 0b00111: return run_masked<scalar_t, M | 0b00111>(launch, coeffs, update);
+      case M | 0b01111: return run_masked<scalar_t, M | 0b01111>(launch, coeffs, update);
+      case M | 0b10111: return run_masked<scalar_t, M | 0b10111>(launch, coeffs, update);
+      case M | 0b11111: return run_masked<scalar_t, M | 0b11111>(launch, coeffs, update);
+      default: break;
+    }
+  }
   switch (launch.slot_mask) {
     case 0b00011: return run_masked<scalar_t, 0b00011>(launch, coeffs, update);
     case 0b00111: return run_masked<scalar_t, 0b00111>(launch, coeffs, update);

@@ -17,9 +17,14 @@ namespace fused_opt::cpu {
 
 // Slot order of every family: 0 param, 1 grad (read only), 2.. state tensors (null if unused).
 constexpr int kSlots = 5;
+// With fp32 master weights (16-bit params only) a sixth pointer, the master copy, holds the
+// value the math runs on; the states are then float32 and the param is only written.
+constexpr int kMaster = 5;
+constexpr int kPointers = 6;
+using Pointers = std::array<void*, kPointers>;
 
 struct TensorJob {
-  std::array<void*, kSlots> ptr;
+  Pointers ptr;
   int64_t numel;
   double step;  // the step this update performs (already incremented); Adam's bias correction
 };
@@ -34,7 +39,7 @@ struct Launch {
   std::vector<TensorJob> tensors;
   std::vector<Chunk> chunks;
   int64_t total_numel = 0;
-  int slot_mask = 0;  // bit k set: slot k is in use (its list is not empty)
+  int slot_mask = 0;  // bit k set: slot k is in use (its list is not empty); bit kMaster: master weights
   double lr = 0.0;
   double inv_grad_scale = 1.0;
 };
@@ -57,7 +62,7 @@ FUSED_OPT_DECLARE_CPU_KERNELS(AVX2)
 constexpr int64_t kChunk = 1 << 15;
 
 // Appends one tensor (its slot pointers and size) and its chunks to a launch.
-void add_tensor(Launch& launch, const std::array<void*, kSlots>& ptr, int64_t numel);
+void add_tensor(Launch& launch, const Pointers& ptr, int64_t numel);
 
 // The per-step scalars as host values; `skip` when found_inf says this step must not happen.
 struct StepScalars {

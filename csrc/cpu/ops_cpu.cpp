@@ -16,7 +16,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 // Packs the lists into a launch; nullopt when found_inf says this step must be skipped.
 std::optional<Launch> make_launch(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
-                                  double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                                  at::TensorList masters, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                                   const OptTensor& found_inf) {
   const StepScalars scalars = read_scalars(lr, lr_tensor, grad_scale, found_inf);
   if (scalars.skip) return std::nullopt;
@@ -31,12 +31,14 @@ std::optional<Launch> make_launch(at::TensorList params, at::TensorList grads, s
     if (!list.empty()) launch.slot_mask |= 1 << bit;
     ++bit;
   }
+  if (!masters.empty()) launch.slot_mask |= 1 << kMaster;
   for (size_t i = 0; i < params.size(); ++i) {
-    std::array<void*, kSlots> ptr{params[i].data_ptr(), grads[i].data_ptr()};
+    Pointers ptr{params[i].data_ptr(), grads[i].data_ptr()};
     int slot = 2;
     for (at::TensorList list : states) {
       ptr[slot++] = list.empty() ? nullptr : list[i].data_ptr();
     }
+    if (!masters.empty()) ptr[kMaster] = masters[i].data_ptr();
     add_tensor(launch, ptr, params[i].numel());
   }
   return launch;
@@ -58,16 +60,16 @@ void check_scalars(const char* op, const OptTensor& lr_tensor, const OptTensor& 
 }
 
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-              at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
-              double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, double l1,
+              at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList state_steps, double lr,
+              double beta1, double beta2, double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, double l1,
               bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
   const char* op = "fused_opt::adam_";
   check_group(op, params, grads,
               {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-              {"state_steps", state_steps, true});
+              {"state_steps", state_steps, true}, master_params);
   check_device(op, params, state_steps);
   check_scalars(op, lr_tensor, grad_scale, found_inf);
-  auto launch = make_launch(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, lr, lr_tensor, grad_scale, found_inf);
+  auto launch = make_launch(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, master_params, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
   const std::vector<double> steps = advance_steps(state_steps);
   for (size_t i = 0; i < steps.size(); ++i) launch->tensors[i].step = steps[i];
@@ -76,32 +78,35 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 }
 
 void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
-                 at::TensorList momentum_buffers, at::TensorList state_steps, double lr, double alpha, double eps,
+                 at::TensorList momentum_buffers, at::TensorList master_params, at::TensorList state_steps, double lr,
+                 double alpha, double eps,
                  double weight_decay, double momentum, bool centered, bool maximize, double l1, bool l1_proximal,
                  const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
   const char* op = "fused_opt::rmsprop_";
   check_group(op, params, grads,
               {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
                {"momentum_buffers", momentum_buffers, momentum > 0.0}},
-              {"state_steps", state_steps, true});
+              {"state_steps", state_steps, true}, master_params);
   check_device(op, params, state_steps);
   check_scalars(op, lr_tensor, grad_scale, found_inf);
-  auto launch = make_launch(params, grads, {square_avgs, grad_avgs, momentum_buffers}, lr, lr_tensor, grad_scale, found_inf);
+  auto launch = make_launch(params, grads, {square_avgs, grad_avgs, momentum_buffers}, master_params, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
   advance_steps(state_steps);
   const RMSpropOptions o{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}};
   rmsprop(*launch, o);
 }
 
-void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList master_params,
+             double lr,
              double weight_decay, double momentum, double dampening, bool nesterov, bool maximize, bool first_step,
              double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
              const OptTensor& found_inf) {
   const char* op = "fused_opt::sgd_";
-  check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}}, {"state_steps", {}, false});
+  check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}}, {"state_steps", {}, false},
+              master_params);
   check_device(op, params);
   check_scalars(op, lr_tensor, grad_scale, found_inf);
-  auto launch = make_launch(params, grads, {momentum_buffers}, lr, lr_tensor, grad_scale, found_inf);
+  auto launch = make_launch(params, grads, {momentum_buffers}, master_params, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
   const SGDOptions o{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}};
   sgd(*launch, o);

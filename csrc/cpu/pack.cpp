@@ -10,23 +10,24 @@ namespace fused_opt::cpu {
 namespace py = pybind11;
 using Tensors = std::vector<at::Tensor>;
 
-// Checks one launch's lists (three state lists, unused ones empty) and returns its pointer table,
-// int64 [5, n] on the CPU (rows: param, grad, the three states; 0 where unused), and the numels.
+// Checks one launch's lists (three state lists, unused ones empty; masters empty or one per
+// param) and returns its pointer table, int64 [6, n] on the CPU (rows: param, grad, the three
+// states, the master copies; 0 where unused), and the numels.
 std::tuple<at::Tensor, at::Tensor> pack_group(const std::string& op, const Tensors& params, const Tensors& grads,
                                               const std::vector<Tensors>& states, const std::vector<bool>& used,
-                                              const std::vector<std::string>& names, const Tensors& steps,
-                                              bool steps_used) {
+                                              const std::vector<std::string>& names, const Tensors& masters,
+                                              const Tensors& steps, bool steps_used) {
   TORCH_CHECK(states.size() == 3 && used.size() == 3 && names.size() == 3, op, ": expected three state lists");
   check_group(op.c_str(), params, grads,
               {{names[0].c_str(), states[0], used[0]}, {names[1].c_str(), states[1], used[1]},
                {names[2].c_str(), states[2], used[2]}},
-              {"state_steps", steps, steps_used});
+              {"state_steps", steps, steps_used}, masters);
   const int64_t n = static_cast<int64_t>(params.size());
   for (int64_t i = 0; i < static_cast<int64_t>(steps.size()); ++i) {
     TORCH_CHECK(steps[i].device().is_cpu() || steps[i].device() == params[0].device(), op, ": state_steps[", i,
                 "] is on ", steps[i].device(), ", expected cpu or ", params[0].device());
   }
-  at::Tensor table = at::zeros({5, n}, at::kLong);
+  at::Tensor table = at::zeros({6, n}, at::kLong);
   at::Tensor numels = at::empty({n}, at::kLong);
   auto rows = table.accessor<int64_t, 2>();
   auto sizes = numels.accessor<int64_t, 1>();
@@ -36,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor> pack_group(const std::string& op, const Tenso
     for (int k = 0; k < 3; ++k) {
       if (used[k]) rows[2 + k][i] = reinterpret_cast<int64_t>(states[k][i].data_ptr());
     }
+    if (!masters.empty()) rows[5][i] = reinterpret_cast<int64_t>(masters[i].data_ptr());
     sizes[i] = params[i].numel();
   }
   return {table, numels};
@@ -43,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> pack_group(const std::string& op, const Tenso
 
 void bind_pack(py::module_& m) {
   m.def("pack_group", &pack_group, py::arg("op"), py::arg("params"), py::arg("grads"), py::arg("states"),
-        py::arg("used"), py::arg("names"), py::arg("steps"), py::arg("steps_used"));
+        py::arg("used"), py::arg("names"), py::arg("masters"), py::arg("steps"), py::arg("steps_used"));
 }
 
 }  // namespace fused_opt::cpu

@@ -115,7 +115,7 @@ class GroupTable {
       e.tensor[0] = *p;
       e.state = py::reinterpret_borrow<py::object>(states[i]);
       if (stateful && !PyDict_Check(e.state.ptr())) throw std::invalid_argument("state is not a dict");
-      std::array<void*, kSlots> ptr{p->data_ptr()};
+      Pointers ptr{p->data_ptr()};
       for (int k = 2; k < kSlots; ++k) {
         if (!keys_[k]) continue;
         e.obj[k] = py::reinterpret_borrow<py::object>(PyDict_GetItem(e.state.ptr(), keys_[k].ptr()));
@@ -192,11 +192,11 @@ class GroupTable {
     return out;
   }
 
-  // The packed addresses (int64 [5, n], CPU; slot order, the grads' row and unused slots 0) and
-  // numels (int64 [n]).
+  // The packed addresses (int64 [6, n], CPU; slot order, the grads' row, unused slots and the
+  // master row 0: groups with master weights have no table) and numels (int64 [n]).
   std::tuple<at::Tensor, at::Tensor> pointer_table() const {
     const auto n = static_cast<int64_t>(entries_.size());
-    at::Tensor table = at::zeros({kSlots, n}, at::kLong);
+    at::Tensor table = at::zeros({kPointers, n}, at::kLong);
     at::Tensor numels = at::empty({n}, at::kLong);
     auto rows = table.accessor<int64_t, 2>();
     auto sizes = numels.accessor<int64_t, 1>();

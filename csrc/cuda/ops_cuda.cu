@@ -9,9 +9,9 @@
 namespace fused_opt::mta {
 namespace {
 
-template <typename scalar_t, typename Family>
+template <typename scalar_t, bool Master, typename Family>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const Meta meta, const Scalars s, const Family family) {
-  process_block<scalar_t>(meta, s, family, blockIdx.x, threadIdx.x, blockDim.x);
+  process_block<scalar_t, Master>(meta, s, family, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
 struct CudaRunner {
@@ -23,9 +23,9 @@ struct CudaRunner {
     return device;
   }
 
-  template <typename scalar_t, typename Family>
+  template <typename scalar_t, bool Master, typename Family>
   static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
-    multi_tensor_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(meta, s, family);
+    multi_tensor_kernel<scalar_t, Master><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(meta, s, family);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

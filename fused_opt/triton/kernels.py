@@ -2,7 +2,9 @@
 
 Each program updates one block of one tensor. The launch gets a pointer table (slot-major:
 table[k * n + t] is the address of slot k of tensor t; slots as in csrc/cpu/launch.h: 0 param,
-1 grad, 2.. state), each tensor's numel, and a block map (block -> tensor, first element).
+1 grad, 2..4 state, 5 the float32 master copy), each tensor's numel, and a block map (block ->
+tensor, first element). With MASTER the math runs on the master copy, the states are STATE
+(float32) and the param is written, rounded, never read.
 Scalars that depend on lr, grad_scale or the step come precomputed in float64 and rounded to
 the math type (launch.py), the same values the C++ kernels use; `coef` holds the per-launch
 ones and, for Adam, `per_tensor` the per-tensor bias corrections. A set found_inf masks every
@@ -107,6 +109,23 @@ def _store(ptr, offs, numel, x, DTYPE: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _load_param(table, n, t, offs, numel, DTYPE: tl.constexpr, OPMATH: tl.constexpr, ALIGNED: tl.constexpr,
+                MASKED: tl.constexpr, MASTER: tl.constexpr):
+    if MASTER:
+        return _load(_slot(table, 5, n, t, tl.float32, ALIGNED), offs, numel, OPMATH, MASKED)
+    else:
+        return _load(_slot(table, 0, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
+
+
+@triton.jit
+def _store_param(table, n, t, offs, numel, p, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+                 MASTER: tl.constexpr):
+    if MASTER:
+        _store(_slot(table, 5, n, t, tl.float32, ALIGNED), offs, numel, p, tl.float32, MASKED)
+    _store(_slot(table, 0, n, t, DTYPE, ALIGNED), offs, numel, p, DTYPE, MASKED)
+
+
+@triton.jit
 def _program(numels, block_tensor, block_start, found_inf, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """This program's tensor, its elements and the tensor's numel; whether to write at all."""
     b = tl.program_id(0)
@@ -123,14 +142,13 @@ def _program(numels, block_tensor, block_start, found_inf, BLOCK: tl.constexpr, 
 # the tail block is masked.
 
 @triton.jit
-def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-                ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
+def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, STATE: tl.constexpr,
+                OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
                 L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                 AMSGRAD: tl.constexpr, _F2: tl.constexpr, _F3: tl.constexpr):
-    p_ptr = _slot(table, 0, n, t, DTYPE, ALIGNED)
-    m_ptr = _slot(table, 2, n, t, DTYPE, ALIGNED)
-    v_ptr = _slot(table, 3, n, t, DTYPE, ALIGNED)
-    p = _load(p_ptr, offs, numel, OPMATH, MASKED)
+    m_ptr = _slot(table, 2, n, t, STATE, ALIGNED)
+    v_ptr = _slot(table, 3, n, t, STATE, ALIGNED)
+    p = _load_param(table, n, t, offs, numel, DTYPE, OPMATH, ALIGNED, MASKED, MASTER)
     g = _load(_slot(table, 1, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
     exp_avg = _load(m_ptr, offs, numel, OPMATH, MASKED)
     exp_avg_sq = _load(v_ptr, offs, numel, OPMATH, MASKED)
@@ -140,26 +158,25 @@ def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr,
     exp_avg_sq = exp_avg_sq * tl.load(coef + COMMON + 1) + tl.load(coef + COMMON + 2) * g * g
     second = exp_avg_sq
     if AMSGRAD:
-        x_ptr = _slot(table, 4, n, t, DTYPE, ALIGNED)
+        x_ptr = _slot(table, 4, n, t, STATE, ALIGNED)
         second = _maximum(_load(x_ptr, offs, numel, OPMATH, MASKED), exp_avg_sq)
-        _store(x_ptr, offs, numel, second, DTYPE, MASKED)
+        _store(x_ptr, offs, numel, second, STATE, MASKED)
     denom = _div(_sqrt(second), tl.load(per_tensor + 2 * t + 1)) + tl.load(coef + COMMON + 3)
     p = p + tl.load(per_tensor + 2 * t) * _div(exp_avg, denom)  # per_tensor: -step size, sqrt(bias corr. 2)
     p = _finish_param(p, coef, L1_PROXIMAL)
 
-    _store(p_ptr, offs, numel, p, DTYPE, MASKED)
-    _store(m_ptr, offs, numel, exp_avg, DTYPE, MASKED)
-    _store(v_ptr, offs, numel, exp_avg_sq, DTYPE, MASKED)
+    _store_param(table, n, t, offs, numel, p, DTYPE, ALIGNED, MASKED, MASTER)
+    _store(m_ptr, offs, numel, exp_avg, STATE, MASKED)
+    _store(v_ptr, offs, numel, exp_avg_sq, STATE, MASKED)
 
 
 @triton.jit
-def _rmsprop_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-                   ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
+def _rmsprop_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, STATE: tl.constexpr,
+                   OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
                    L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                    CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, _F3: tl.constexpr):
-    p_ptr = _slot(table, 0, n, t, DTYPE, ALIGNED)
-    sq_ptr = _slot(table, 2, n, t, DTYPE, ALIGNED)
-    p = _load(p_ptr, offs, numel, OPMATH, MASKED)
+    sq_ptr = _slot(table, 2, n, t, STATE, ALIGNED)
+    p = _load_param(table, n, t, offs, numel, DTYPE, OPMATH, ALIGNED, MASKED, MASTER)
     g = _load(_slot(table, 1, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
     square_avg = _load(sq_ptr, offs, numel, OPMATH, MASKED)
 
@@ -167,58 +184,57 @@ def _rmsprop_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constex
     one_minus_alpha = tl.load(coef + COMMON + 1)
     square_avg = square_avg * tl.load(coef + COMMON) + one_minus_alpha * g * g
     if CENTERED:
-        ga_ptr = _slot(table, 3, n, t, DTYPE, ALIGNED)
+        ga_ptr = _slot(table, 3, n, t, STATE, ALIGNED)
         grad_avg = _lerp(_load(ga_ptr, offs, numel, OPMATH, MASKED), g, one_minus_alpha)
-        _store(ga_ptr, offs, numel, grad_avg, DTYPE, MASKED)
+        _store(ga_ptr, offs, numel, grad_avg, STATE, MASKED)
         avg = _sqrt(square_avg - grad_avg * grad_avg)
     else:
         avg = _sqrt(square_avg)
     avg = avg + tl.load(coef + COMMON + 2)
     neg_lr = tl.load(coef + COMMON + 4)
     if MOMENTUM:
-        buf_ptr = _slot(table, 4, n, t, DTYPE, ALIGNED)
+        buf_ptr = _slot(table, 4, n, t, STATE, ALIGNED)
         buf = _load(buf_ptr, offs, numel, OPMATH, MASKED) * tl.load(coef + COMMON + 3) + _div(g, avg)
-        _store(buf_ptr, offs, numel, buf, DTYPE, MASKED)
+        _store(buf_ptr, offs, numel, buf, STATE, MASKED)
         p = p + neg_lr * buf
     else:
         p = p + neg_lr * _div(g, avg)
     p = _finish_param(p, coef, L1_PROXIMAL)
 
-    _store(p_ptr, offs, numel, p, DTYPE, MASKED)
-    _store(sq_ptr, offs, numel, square_avg, DTYPE, MASKED)
+    _store_param(table, n, t, offs, numel, p, DTYPE, ALIGNED, MASKED, MASTER)
+    _store(sq_ptr, offs, numel, square_avg, STATE, MASKED)
 
 
 @triton.jit
-def _sgd_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-               ALIGNED: tl.constexpr,
-               MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
+def _sgd_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, STATE: tl.constexpr,
+               OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
                L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
-    p_ptr = _slot(table, 0, n, t, DTYPE, ALIGNED)
-    p = _load(p_ptr, offs, numel, OPMATH, MASKED)
+    p = _load_param(table, n, t, offs, numel, DTYPE, OPMATH, ALIGNED, MASKED, MASTER)
     g = _load(_slot(table, 1, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
 
     p, g = _prepare_grad(p, g, coef, SCALE_GRAD, COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
     if MOMENTUM:
         momentum = tl.load(coef + COMMON)
-        buf_ptr = _slot(table, 2, n, t, DTYPE, ALIGNED)
+        buf_ptr = _slot(table, 2, n, t, STATE, ALIGNED)
         if FIRST_STEP:  # fresh buffers: buf = g, as torch.optim.SGD's clone
             buf = g
         else:
             buf = _load(buf_ptr, offs, numel, OPMATH, MASKED) * momentum + tl.load(coef + COMMON + 1) * g
-        _store(buf_ptr, offs, numel, buf, DTYPE, MASKED)
+        _store(buf_ptr, offs, numel, buf, STATE, MASKED)
         if NESTEROV:
             g = g + momentum * buf
         else:
             g = buf
     p = p + tl.load(coef + COMMON + 2) * g
     p = _finish_param(p, coef, L1_PROXIMAL)
-    _store(p_ptr, offs, numel, p, DTYPE, MASKED)
+    _store_param(table, n, t, offs, numel, p, DTYPE, ALIGNED, MASKED, MASTER)
 
 
 @triton.jit
 def step_kernel(table, numels, block_tensor, block_start, found_inf, coef, per_tensor, n, BLOCK_FN: tl.constexpr,
-                DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                DTYPE: tl.constexpr, STATE: tl.constexpr, OPMATH: tl.constexpr, MASTER: tl.constexpr,
+                BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
                 L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                 F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr):
@@ -226,10 +242,10 @@ def step_kernel(table, numels, block_tensor, block_start, found_inf, coef, per_t
     t, offs, start, numel, live = _program(numels, block_tensor, block_start, found_inf, BLOCK, HAS_FOUND_INF)
     if live:
         if start + BLOCK <= numel:
-            BLOCK_FN(table, n, t, offs, numel, coef, per_tensor, DTYPE, OPMATH, ALIGNED, False, SCALE_GRAD,
+            BLOCK_FN(table, n, t, offs, numel, coef, per_tensor, DTYPE, STATE, OPMATH, MASTER, ALIGNED, False, SCALE_GRAD,
                      COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, F1, F2, F3)
         else:
-            BLOCK_FN(table, n, t, offs, numel, coef, per_tensor, DTYPE, OPMATH, ALIGNED, True, SCALE_GRAD,
+            BLOCK_FN(table, n, t, offs, numel, coef, per_tensor, DTYPE, STATE, OPMATH, MASTER, ALIGNED, True, SCALE_GRAD,
                      COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, F1, F2, F3)
 
 

@@ -33,7 +33,8 @@ from . import kernels
 
 BLOCK = {"cuda": 2048, "cpu": 4096}
 NUM_WARPS = 4
-SLOTS = 5  # param, grad, up to three states (csrc/cpu/launch.h)
+SLOTS = 6  # param, grad, up to three states, the master copy (csrc/cpu/launch.h)
+_KEPT_ROWS = [0, 2, 3, 4, 5]  # the rows that do not change from step to step (all but the grads')
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}
 _MAX_PLANS = 8
@@ -46,6 +47,7 @@ def interpreting() -> bool:
 @dataclass
 class _Plan:
     table: Tensor  # int64 [SLOTS, n] on the device; row 1 (grads) is rewritten by each call
+    master: bool  # row 5 holds float32 master copies (and the states are float32)
     numels: Tensor
     block_tensor: Tensor
     block_start: Tensor
@@ -61,7 +63,7 @@ def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
     """The device pointer table and block map for this pointer table (int64 [SLOTS, n] on the
     CPU; its grads' row does not count) and these numels: cached, least recently used dropped."""
     block = BLOCK[device.type]
-    key = (device, table[[0, 2, 3, 4]].numpy().tobytes(), numels.numpy().tobytes())
+    key = (device, table[_KEPT_ROWS].numpy().tobytes(), numels.numpy().tobytes())
     found = _PLANS.get(key)
     if found is not None:
         _PLANS.move_to_end(key)
@@ -70,27 +72,28 @@ def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
     block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks_per)
     first = torch.cumsum(blocks_per, 0) - blocks_per  # index of each tensor's first block
     block_start = (torch.arange(len(block_tensor)) - first.repeat_interleave(blocks_per)) * block
-    aligned = bool((table[[0, 2, 3, 4]] % 16 == 0).all())
-    found = _Plan(table.to(device), numels.to(device), block_tensor.to(device), block_start.to(device),
-                  len(block_tensor), block, aligned)
+    aligned = bool((table[_KEPT_ROWS] % 16 == 0).all())
+    found = _Plan(table.to(device), bool(table[5].any()), numels.to(device), block_tensor.to(device),
+                  block_start.to(device), len(block_tensor), block, aligned)
     _PLANS[key] = found
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)
     return found
 
 
-def _pack(op: str, params, grads, states: list[tuple[str, list, bool]], steps: tuple[str, list, bool]):
+def _pack(op: str, params, grads, states: list[tuple[str, list, bool]], masters: list[Tensor],
+          steps: tuple[str, list, bool]):
     """Checks every input before anything is written (the C++ ops' checks, run by the CPU
     extension when it is built) and returns the pointer table (int64 [SLOTS, n], CPU; rows in
-    slot order, 0 for an unused state) and the numels."""
+    slot order, 0 for an unused state or master) and the numels."""
     states = states + [("", [], False)] * (3 - len(states))
     if ops.load_extensions()["fused_opt._C"] is None:
         return ops.cpu_module().pack_group(op, params, grads, [lst for _, lst, _ in states],
                                            [used for _, _, used in states], [name for name, _, _ in states],
-                                           steps[1], steps[2])
-    _check(op, params, grads, states, steps)
+                                           masters, steps[1], steps[2])
+    _check(op, params, grads, states, masters, steps)
     n = len(params)
-    rows = [params, grads] + [lst if used else [] for _, lst, used in states]
+    rows = [params, grads] + [lst if used else [] for _, lst, used in states] + [masters]
     table = torch.tensor([[t.data_ptr() for t in lst] if lst else [0] * n for lst in rows], dtype=torch.int64)
     return table.reshape(SLOTS, n), torch.tensor([p.numel() for p in params], dtype=torch.int64)
 
@@ -101,30 +104,39 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s > 1)
 
 
-def _check_like_param(op: str, name: str, i: int, t: Tensor, p: Tensor) -> None:
+def _check_like_param(op: str, name: str, i: int, t: Tensor, p: Tensor, dtype: torch.dtype) -> None:
     if t.layout != torch.strided:
         raise RuntimeError(f"{op}: {name}[{i}] must be a dense tensor, got layout {t.layout}")
     if t.device != p.device:
         raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but its param is on {p.device}")
-    if t.dtype != p.dtype:
-        raise RuntimeError(f"{op}: {name}[{i}] has dtype {t.dtype} but its param has dtype {p.dtype}")
+    if t.dtype != dtype:
+        raise RuntimeError(f"{op}: {name}[{i}] has dtype {t.dtype} but its param has dtype {p.dtype}" if dtype == p.dtype
+                           else f"{op}: {name}[{i}] has dtype {t.dtype} but must be {dtype} (its param is {p.dtype} "
+                           "with float32 master weights)")
     if not _same_layout(t, p):
         raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()} but its param "
                            f"has shape {tuple(p.shape)} and strides {p.stride()}")
 
 
-def _check(op: str, params, grads, states: list[tuple[str, list, bool]], steps: tuple[str, list, bool]) -> None:
+def _check(op: str, params, grads, states: list[tuple[str, list, bool]], masters: list[Tensor],
+           steps: tuple[str, list, bool]) -> None:
     n = len(params)
     if len(grads) != n:
         raise RuntimeError(f"{op}: expected {n} grads (one per param), got {len(grads)}")
     for name, lst, used in [*states, steps]:
         if len(lst) != (n if used else 0):
             raise RuntimeError(f"{op}: expected {n if used else 0} tensors in {name}, got {len(lst)}")
+    if len(masters) not in (0, n):
+        raise RuntimeError(f"{op}: expected 0 or {n} tensors in master_params, got {len(masters)}")
     if n == 0:
         return
     first = params[0]
     if first.dtype not in _TL_DTYPES:
         raise RuntimeError(f"{op}: params must be float32, float64, float16 or bfloat16, got {first.dtype}")
+    if masters and first.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError(f"{op}: master_params are for float16 and bfloat16 params; params are {first.dtype} "
+                           "(pass an empty list)")
+    state_dtype = torch.float32 if masters else first.dtype
     for i, p in enumerate(params):
         if p.layout != torch.strided:
             raise RuntimeError(f"{op}: params[{i}] must be a dense tensor, got layout {p.layout}")
@@ -134,10 +146,12 @@ def _check(op: str, params, grads, states: list[tuple[str, list, bool]], steps: 
         if not is_dense(p):
             raise RuntimeError(f"{op}: params[{i}] must be non-overlapping and dense (e.g. contiguous); "
                                f"got strides {p.stride()}")
-        _check_like_param(op, "grads", i, grads[i], p)
+        _check_like_param(op, "grads", i, grads[i], p, p.dtype)
         for name, lst, used in states:
             if used:
-                _check_like_param(op, name, i, lst[i], p)
+                _check_like_param(op, name, i, lst[i], p, state_dtype)
+        if masters:
+            _check_like_param(op, "master_params", i, masters[i], p, torch.float32)
         if steps[2]:
             s = steps[1][i]
             if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
@@ -246,16 +260,18 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     kernels.step_kernel[(plan.blocks,)](
         plan.table, plan.numels, plan.block_tensor, plan.block_start, found_inf if found_here else coef, coef,
         per_tensor, len(grad_ptrs), BLOCK_FN=kernels.BLOCKS[family], DTYPE=_TL_DTYPES[dtype],
-        OPMATH=_TL_DTYPES[opmath], BLOCK=plan.block, ALIGNED=aligned, HAS_FOUND_INF=found_here,
+        STATE=tl.float32 if plan.master else _TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], MASTER=plan.master,
+        BLOCK=plan.block, ALIGNED=aligned, HAS_FOUND_INF=found_here,
         **_flags(options, grad_scale), F1=family_flags[0], F2=family_flags[1], F3=family_flags[2],
         num_warps=NUM_WARPS)
 
 
 def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states: list[tuple[str, list, bool]],
-        steps: tuple[str, list, bool], lr: float, lr_tensor, grad_scale, found_inf, options: dict) -> None:
+        masters: list[Tensor], steps: tuple[str, list, bool], lr: float, lr_tensor, grad_scale, found_inf,
+        options: dict) -> None:
     for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         _check_scalar(op, name, t)
-    table, numels = _pack(op, params, grads, states, steps)
+    table, numels = _pack(op, params, grads, states, masters, steps)
     if not params:
         return
     device = params[0].device
@@ -265,26 +281,27 @@ def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states:
             lr, lr_tensor, grad_scale, found_inf, options)
 
 
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, lr_tensor=None, grad_scale=None,
-          found_inf=None, **options) -> None:
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *, lr, lr_tensor=None,
+          grad_scale=None, found_inf=None, **options) -> None:
     states = [("exp_avgs", exp_avgs, True), ("exp_avg_sqs", exp_avg_sqs, True),
               ("max_exp_avg_sqs", max_exp_avg_sqs, options["amsgrad"])]
-    _op("fused_opt::triton_adam_", "adam", params, grads, states, ("state_steps", state_steps, True), lr, lr_tensor,
-        grad_scale, found_inf, options)
-
-
-def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, lr_tensor=None,
-             grad_scale=None, found_inf=None, **options) -> None:
-    states = [("square_avgs", square_avgs, True), ("grad_avgs", grad_avgs, options["centered"]),
-              ("momentum_buffers", momentum_buffers, options["momentum"] > 0)]
-    _op("fused_opt::triton_rmsprop_", "rmsprop", params, grads, states, ("state_steps", state_steps, True), lr,
+    _op("fused_opt::triton_adam_", "adam", params, grads, states, master_params, ("state_steps", state_steps, True), lr,
         lr_tensor, grad_scale, found_inf, options)
 
 
-def sgd_(params, grads, momentum_buffers, *, lr, lr_tensor=None, grad_scale=None, found_inf=None, **options) -> None:
+def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, state_steps, *, lr,
+             lr_tensor=None, grad_scale=None, found_inf=None, **options) -> None:
+    states = [("square_avgs", square_avgs, True), ("grad_avgs", grad_avgs, options["centered"]),
+              ("momentum_buffers", momentum_buffers, options["momentum"] > 0)]
+    _op("fused_opt::triton_rmsprop_", "rmsprop", params, grads, states, master_params,
+        ("state_steps", state_steps, True), lr, lr_tensor, grad_scale, found_inf, options)
+
+
+def sgd_(params, grads, momentum_buffers, master_params, *, lr, lr_tensor=None, grad_scale=None, found_inf=None,
+         **options) -> None:
     states = [("momentum_buffers", momentum_buffers, options["momentum"] != 0)]
-    _op("fused_opt::triton_sgd_", "sgd", params, grads, states, ("state_steps", [], False), lr, lr_tensor,
-        grad_scale, found_inf, options)
+    _op("fused_opt::triton_sgd_", "sgd", params, grads, states, master_params, ("state_steps", [], False), lr,
+        lr_tensor, grad_scale, found_inf, options)
 
 
 IMPLS = {"adam": adam_, "rmsprop": rmsprop_, "sgd": sgd_}

@@ -26,26 +26,39 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-inline void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p) {
+inline bool is_half_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// `dtype`: what t must hold -- its param's dtype, or float32 for the master copies and states of
+// 16-bit params with master weights.
+inline void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p,
+                             at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] must be a dense tensor, got layout ", t.layout());
   TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but its param is on ", p.device());
-  TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-              " but its param has dtype ", p.scalar_type());
+  if (dtype == p.scalar_type()) {
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+                " but its param has dtype ", p.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(), " but must be ",
+                dtype, " (its param is ", p.scalar_type(), " with float32 master weights)");
+  }
   TORCH_CHECK(same_layout(t, p), op, ": ", name, "[", i, "] has shape ", t.sizes(), " and strides ", t.strides(),
               " but its param has shape ", p.sizes(), " and strides ", p.strides());
 }
 
 // Checks list lengths, then each param (one device and dtype for the whole call, dense memory)
-// and each grad/state tensor against its param, then the step counters.
+// and each grad/state tensor against its param, then the step counters. `masters` (empty, or one
+// float32 master copy per 16-bit param) makes the states float32 too.
 inline void check_group(const char* op, at::TensorList params, at::TensorList grads,
-                        std::initializer_list<NamedList> states, const NamedList& steps) {
+                        std::initializer_list<NamedList> states, const NamedList& steps, at::TensorList masters = {}) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": expected ", n, " grads (one per param), got ", grads.size());
   for (const NamedList& s : states) {
     const size_t want = s.used ? n : 0;
     TORCH_CHECK(s.tensors.size() == want, op, ": expected ", want, " tensors in ", s.name, ", got ", s.tensors.size());
   }
+  TORCH_CHECK(masters.empty() || masters.size() == n, op, ": expected 0 or ", n, " tensors in master_params, got ",
+              masters.size());
   TORCH_CHECK(steps.tensors.size() == (steps.used ? n : 0), op, ": expected ", (steps.used ? n : 0),
               " tensors in ", steps.name, ", got ", steps.tensors.size());
   if (n == 0) return;
@@ -54,6 +67,9 @@ inline void check_group(const char* op, at::TensorList params, at::TensorList gr
   const auto dtype = first.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": params must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(masters.empty() || is_half_precision(dtype), op, ": master_params are for float16 and bfloat16 params; params are ",
+              dtype, " (pass an empty list)");
+  const auto state_dtype = masters.empty() ? dtype : at::kFloat;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
@@ -63,10 +79,11 @@ inline void check_group(const char* op, at::TensorList params, at::TensorList gr
                 "; call once per (device, dtype) group");
     TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
                 "] must be non-overlapping and dense (e.g. contiguous); got strides ", p.strides());
-    check_like_param(op, "grads", i, grads[i], p);
+    check_like_param(op, "grads", i, grads[i], p, dtype);
     for (const NamedList& s : states) {
-      if (s.used) check_like_param(op, s.name, i, s.tensors[i], p);
+      if (s.used) check_like_param(op, s.name, i, s.tensors[i], p, state_dtype);
     }
+    if (!masters.empty()) check_like_param(op, "master_params", i, masters[i], p, at::kFloat);
     if (steps.used) {
       const at::Tensor& s = steps.tensors[i];
       TORCH_CHECK(s.defined() && s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),

@@ -90,24 +90,31 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
 
 template <typename Runner, typename Family>
 void run(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
-         const Steps& steps, const ScalarTensors& sc, const Family& family) {
+         at::TensorList masters, const Steps& steps, const ScalarTensors& sc, const Family& family) {
   struct Describe {
     at::TensorList params, grads;
     std::vector<at::TensorList> states;
+    at::TensorList masters;
     const Steps& steps;
     int64_t numel(int t) const { return params[t].numel(); }
     void* addr(int t, int k) const {
       if (k == 0) return params[t].data_ptr();
       if (k == 1) return grads[t].data_ptr();
+      if (k == kMaster) return masters.empty() ? nullptr : masters[t].data_ptr();
       const size_t j = size_t(k - 2);
       return j < states.size() && !states[j].empty() ? states[j][t].data_ptr() : nullptr;
     }
     double step_host(int t) const { return steps.host.empty() ? 0.0 : steps.host[t]; }
     const float* step_dev(int t) const { return steps.dev.empty() ? nullptr : steps.dev[t]; }
-  } d{params, grads, std::vector<at::TensorList>(states), steps};
+  } d{params, grads, std::vector<at::TensorList>(states), masters, steps};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_opt_mta", [&] {
-    for_each_launch(static_cast<int>(params.size()), d,
-                    [&](const Meta& meta, int blocks) { Runner::template launch<scalar_t>(meta, blocks, sc.s, family); });
+    constexpr bool half = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+    for_each_launch(static_cast<int>(params.size()), d, [&](const Meta& meta, int blocks) {
+      if constexpr (half) {  // fp32 master weights exist for 16-bit params only (checked before)
+        if (!masters.empty()) return Runner::template launch<scalar_t, true>(meta, blocks, sc.s, family);
+      }
+      Runner::template launch<scalar_t, false>(meta, blocks, sc.s, family);
+    });
   });
 }
 
@@ -116,7 +123,7 @@ void run(at::TensorList params, at::TensorList grads, std::initializer_list<at::
 // checks and their Family.
 template <typename Runner, typename Family>
 void update(const char* op, at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
-            at::TensorList state_steps, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+            at::TensorList masters, at::TensorList state_steps, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
             const OptTensor& found_inf, const Family& family) {
   if (params.empty()) return;
   const at::Device device = Runner::check_device(op, params);
@@ -124,13 +131,14 @@ void update(const char* op, at::TensorList params, at::TensorList grads, std::in
   const ScalarTensors sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
   if (sc.skip) return;
   const Steps steps = advance_steps(state_steps, device, sc, found_inf);
-  run<Runner>(params, grads, states, steps, sc, family);
+  run<Runner>(params, grads, states, masters, steps, sc, family);
 }
 
 template <typename Runner>
 struct Ops {
   static void adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+                   at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList state_steps, double lr,
+                   double beta1, double beta2,
                    double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                    double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                    const OptTensor& found_inf) {
@@ -138,14 +146,15 @@ struct Ops {
     check_group(op, params, grads,
                 {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
                  {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-                {"state_steps", state_steps, true});
+                {"state_steps", state_steps, true}, master_params);
     const AdamFamily family{{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}}};
-    update<Runner>(op, params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, state_steps, lr, lr_tensor, grad_scale,
+    update<Runner>(op, params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, master_params, state_steps, lr, lr_tensor, grad_scale,
                    found_inf, family);
   }
 
   static void rmsprop(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                      at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps, double lr,
+                      at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList master_params,
+                      at::TensorList state_steps, double lr,
                       double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
                       double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                       const OptTensor& found_inf) {
@@ -153,21 +162,22 @@ struct Ops {
     check_group(op, params, grads,
                 {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
                  {"momentum_buffers", momentum_buffers, momentum > 0.0}},
-                {"state_steps", state_steps, true});
+                {"state_steps", state_steps, true}, master_params);
     const RMSpropFamily family{{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}}};
-    update<Runner>(op, params, grads, {square_avgs, grad_avgs, momentum_buffers}, state_steps, lr, lr_tensor,
+    update<Runner>(op, params, grads, {square_avgs, grad_avgs, momentum_buffers}, master_params, state_steps, lr, lr_tensor,
                    grad_scale, found_inf, family);
   }
 
-  static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+  static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::TensorList master_params, double lr,
                   double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
                   bool first_step, double l1, bool l1_proximal, const OptTensor& lr_tensor,
                   const OptTensor& grad_scale, const OptTensor& found_inf) {
     const char* op = "fused_opt::sgd_";
     check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}},
-                {"state_steps", {}, false});
+                {"state_steps", {}, false}, master_params);
     const SGDFamily family{{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}}};
-    update<Runner>(op, params, grads, {momentum_buffers}, {}, lr, lr_tensor, grad_scale, found_inf, family);
+    update<Runner>(op, params, grads, {momentum_buffers}, master_params, {}, lr, lr_tensor, grad_scale, found_inf, family);
   }
 };
 

@@ -13,8 +13,9 @@
 
 namespace fused_opt::mta {
 
-constexpr int kSlots = 5;           // 0 param, 1 grad (read only), 2..4 state (null if unused)
-constexpr int kMaxTensors = 36;
+constexpr int kSlots = 6;           // 0 param, 1 grad (read only), 2..4 state (null if unused),
+constexpr int kMaster = 5;          // 5 the float32 master copy of a 16-bit param (null if unused)
+constexpr int kMaxTensors = 32;     // with kMaxBlocks, keeps Meta under the 4 KB of kernel arguments
 constexpr int kMaxBlocks = 320;
 constexpr int64_t kChunk = 65536;   // elements per block
 constexpr int kThreads = 512;       // threads per block
@@ -38,19 +39,42 @@ struct Scalars {
   double inv_scale_host;     // 1 / grad_scale when the scale is known on the host
 };
 
-template <typename T>
+// W elements of one slot, moved by 16-byte vector loads/stores (two for float32 slots in a
+// 16-bit loop).
+template <typename T, int W>
 struct alignas(kVectorBytes) Pack {
-  static constexpr int n = kVectorBytes / sizeof(T);
-  T v[n];
+  T v[W];
 };
+
+// Slot k's element type: params and grads are scalar_t; with master weights (Master) the states
+// and the master copy are float32.
+template <typename scalar_t, bool Master>
+FO_HD constexpr bool slot_is_float(int k) {
+  return k == kMaster || (Master && k >= 2);
+}
+
+template <typename T, int W, typename S>
+FO_HD void load_pack(const void* p, int64_t i, S* out) {
+  const Pack<T, W> pack = *reinterpret_cast<const Pack<T, W>*>(static_cast<const T*>(p) + i);
+  for (int j = 0; j < W; ++j) out[j] = S(pack.v[j]);
+}
+
+template <typename T, int W, typename S>
+FO_HD void store_pack(void* p, int64_t i, const S* in) {
+  Pack<T, W> pack;
+  for (int j = 0; j < W; ++j) pack.v[j] = T(in[j]);
+  *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p) + i) = pack;
+}
 
 // The work of thread `thread` of block `block`: compute the tensor's coefficients, then walk
 // the chunk with vector loads when every slot is 16-byte aligned and the length is a multiple
-// of the vector width, else element by element with a bounds mask.
-template <typename scalar_t, typename Family>
+// of the vector width, else element by element with a bounds mask. With master weights the math
+// runs on the master's value (x[0] = master; the param is written, rounded, never read).
+template <typename scalar_t, bool Master, typename Family>
 FO_HD void process_block(const Meta& meta, const Scalars& s, const Family& family, int block, int thread,
                          int nthreads) {
   using S = typename Family::template opmath<scalar_t>;
+  constexpr int W = kVectorBytes / sizeof(scalar_t);
   if (s.found_inf && *s.found_inf != 0.0f) return;
   const int t = meta.block_tensor[block];
   const int64_t begin = int64_t(meta.block_chunk[block]) * kChunk;
@@ -60,36 +84,55 @@ FO_HD void process_block(const Meta& meta, const Scalars& s, const Family& famil
   const double step = meta.step_dev[t] ? double(*meta.step_dev[t]) : meta.step_host[t];
   const auto coeffs = family.template coeffs<S>(lr, step, inv_scale);
 
-  scalar_t* ptr[kSlots];
-  bool aligned = len % Pack<scalar_t>::n == 0;
+  void* ptr[kSlots];
+  bool aligned = len % W == 0;
   for (int k = 0; k < kSlots; ++k) {
-    ptr[k] = meta.addr[k][t] ? static_cast<scalar_t*>(meta.addr[k][t]) + begin : nullptr;
+    void* base = k == kMaster && !Master ? nullptr : meta.addr[k][t];
+    ptr[k] = base == nullptr ? nullptr
+             : slot_is_float<scalar_t, Master>(k) ? static_cast<void*>(static_cast<float*>(base) + begin)
+                                                  : static_cast<void*>(static_cast<scalar_t*>(base) + begin);
     aligned = aligned && (reinterpret_cast<uintptr_t>(ptr[k]) % kVectorBytes == 0);
   }
-  constexpr int W = Pack<scalar_t>::n;
+  const auto loaded = [&](int k) { return ptr[k] != nullptr && !(Master && k == 0); };
+  const auto stored = [&](int k) { return ptr[k] != nullptr && k != 1; };
+  const auto update = [&](S* x) {  // x[kSlots]: one element of every slot
+    if (Master) x[0] = x[kMaster];
+    family.update(x, coeffs);
+    if (Master) x[kMaster] = x[0];
+  };
   if (aligned) {
     for (int64_t i = int64_t(thread) * W; i < len; i += int64_t(nthreads) * W) {
-      Pack<scalar_t> pack[kSlots];
+      S x[kSlots][W] = {};
       for (int k = 0; k < kSlots; ++k) {
-        if (ptr[k]) pack[k] = *reinterpret_cast<const Pack<scalar_t>*>(ptr[k] + i);
+        if (!loaded(k)) continue;
+        if (slot_is_float<scalar_t, Master>(k)) load_pack<float, W>(ptr[k], i, x[k]);
+        else load_pack<scalar_t, W>(ptr[k], i, x[k]);
       }
       for (int j = 0; j < W; ++j) {
-        S x[kSlots];
-        for (int k = 0; k < kSlots; ++k) x[k] = ptr[k] ? S(pack[k].v[j]) : S(0);
-        family.update(x, coeffs);
-        for (int k = 0; k < kSlots; ++k) pack[k].v[j] = scalar_t(x[k]);
+        S e[kSlots];
+        for (int k = 0; k < kSlots; ++k) e[k] = x[k][j];
+        update(e);
+        for (int k = 0; k < kSlots; ++k) x[k][j] = e[k];
       }
       for (int k = 0; k < kSlots; ++k) {
-        if (ptr[k] && k != 1) *reinterpret_cast<Pack<scalar_t>*>(ptr[k] + i) = pack[k];
+        if (!stored(k)) continue;
+        if (slot_is_float<scalar_t, Master>(k)) store_pack<float, W>(ptr[k], i, x[k]);
+        else store_pack<scalar_t, W>(ptr[k], i, x[k]);
       }
     }
   } else {
     for (int64_t i = thread; i < len; i += nthreads) {
-      S x[kSlots];
-      for (int k = 0; k < kSlots; ++k) x[k] = ptr[k] ? S(ptr[k][i]) : S(0);
-      family.update(x, coeffs);
+      S e[kSlots] = {};
       for (int k = 0; k < kSlots; ++k) {
-        if (ptr[k] && k != 1) ptr[k][i] = scalar_t(x[k]);
+        if (!loaded(k)) continue;
+        e[k] = slot_is_float<scalar_t, Master>(k) ? S(static_cast<const float*>(ptr[k])[i])
+                                                  : S(static_cast<const scalar_t*>(ptr[k])[i]);
+      }
+      update(e);
+      for (int k = 0; k < kSlots; ++k) {
+        if (!stored(k)) continue;
+        if (slot_is_float<scalar_t, Master>(k)) static_cast<float*>(ptr[k])[i] = float(e[k]);
+        else static_cast<scalar_t*>(ptr[k])[i] = scalar_t(e[k]);
       }
     }
   }

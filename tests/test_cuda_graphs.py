@@ -1,0 +1,78 @@
+"""capturable=True on the CUDA backend: a whole training step (forward, backward, opt.step())
+captured in a CUDA graph and replayed while an LR scheduler changes a device-tensor lr ends
+where the same steps run eagerly end (GPU only; torch's recipe: warm up on a side stream, then
+capture with the grads set to None, so that backward writes them into the graph's memory)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fused_opt
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+WARMUP, STEPS = 3, 12
+CONFIGS = {
+    "adamw": (fused_opt.AdamW, {"capturable": True}),
+    "adam-amsgrad-l1": (fused_opt.Adam, {"capturable": True, "amsgrad": True, "l1": 1e-3, "weight_decay": 0.01}),
+    "rmsprop-centered-momentum": (fused_opt.RMSprop, {"capturable": True, "centered": True, "momentum": 0.9}),
+    "sgd-nesterov": (fused_opt.SGD, {"momentum": 0.9, "nesterov": True}),  # no step counter to capture
+}
+
+
+def _setup(model, opt_cls, kwargs):
+    opt = opt_cls(model.parameters(), lr=torch.tensor(0.01, device="cuda"), backend="cuda", **kwargs)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    return opt, sched
+
+
+def _train_step(model, opt, x, y):
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_graph_replay_matches_eager(config):
+    opt_cls, kwargs = CONFIGS[config]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).cuda()
+    twin = copy.deepcopy(model)
+    data = [(torch.randn(8, 16, device="cuda"), torch.randn(8, 4, device="cuda")) for _ in range(STEPS)]
+
+    opt, sched = _setup(model, opt_cls, kwargs)
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps create the state outside the graph
+        for x, y in data[:WARMUP]:
+            static_x.copy_(x), static_y.copy_(y)
+            opt.zero_grad(set_to_none=True)
+            _train_step(model, opt, static_x, static_y)
+            sched.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        _train_step(model, opt, static_x, static_y)
+    for x, y in data[WARMUP:]:
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+        sched.step()  # fills the lr tensor in place: the next replay reads the new value
+
+    twin_opt, twin_sched = _setup(twin, opt_cls, kwargs)
+    for x, y in data:
+        twin_opt.zero_grad(set_to_none=True)
+        _train_step(twin, twin_opt, x, y)
+        twin_sched.step()
+
+    torch.cuda.synchronize()
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(0.01 * 0.9**STEPS)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key, value in twin_opt.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    if "capturable" in kwargs:
+        assert all(opt.state[p]["step"].item() == STEPS for p in model.parameters())
