@@ -9,16 +9,17 @@ import torch
 
 import fused_opt
 
-CHUNK, MAX_TENSORS, MAX_BLOCKS = 65536, 36, 320
+CHUNK, MAX_TENSORS, MAX_BLOCKS = 65536, 32, 320
 
 
-def _run(sizes, backend, offset=0, dtype=torch.float32, steps=2):
+def _run(sizes, backend, offset=0, dtype=torch.float32, steps=2, master_weights=False):
     g = torch.Generator().manual_seed(0)
     params = []
     for n in sizes:
         base = torch.randn(n + offset, generator=g).to(dtype)
         params.append(base[offset:].requires_grad_())  # offset 1: storage not 16-byte aligned
-    opt = fused_opt.Adam(params, lr=0.01, weight_decay=0.1, l1=0.01, l1_mode="proximal", backend=backend)
+    opt = fused_opt.Adam(params, lr=0.01, weight_decay=0.1, l1=0.01, l1_mode="proximal", backend=backend,
+                         master_weights=master_weights)
     for step in range(steps):
         gg = torch.Generator().manual_seed(step + 1)
         for p in params:
@@ -28,7 +29,7 @@ def _run(sizes, backend, offset=0, dtype=torch.float32, steps=2):
 
 
 LAYOUTS = {
-    "many_small_tensors": [5, 17, 1024, 4096, 3] * 20,               # > 36 tensors: several launches
+    "many_small_tensors": [5, 17, 1024, 4096, 3] * 20,               # > 32 tensors: several launches
     "tensor_spans_launches": [MAX_BLOCKS * CHUNK + 12345, 77],       # > 320 blocks in one tensor
     "chunk_edges": [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3],
 }
@@ -54,3 +55,19 @@ def test_simulated_cuda_traversal_other_dtypes(dtype):
     for a, b in zip(sim, cpu):
         # Same fp32/fp64 math; FMA contraction may differ between the two builds by an ulp.
         torch.testing.assert_close(a, b, rtol=torch.finfo(dtype).eps * 2, atol=torch.finfo(dtype).eps * 2)
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("layout", ["many_small_tensors", "chunk_edges"])
+def test_simulated_cuda_traversal_with_master_weights(layout, offset):
+    """bfloat16 params with float32 master copies and states: 8 elements a vector step, two 16-byte
+    loads for each float32 slot, the param written but not read."""
+    sizes = LAYOUTS[layout]
+    sim, sim_opt = _run(sizes, "cuda_sim", offset, torch.bfloat16, master_weights=True)
+    cpu, cpu_opt = _run(sizes, "cpu", offset, torch.bfloat16, master_weights=True)
+    for i, (a, b) in enumerate(zip(sim, cpu)):
+        for key in ("master_param", "exp_avg", "exp_avg_sq"):
+            assert sim_opt.state[a][key].dtype == torch.float32
+            torch.testing.assert_close(sim_opt.state[a][key], cpu_opt.state[b][key], rtol=1e-6, atol=1e-7,
+                                       msg=lambda m: f"param {i} {key}: {m}")
+        assert torch.equal(a, sim_opt.state[a]["master_param"].to(torch.bfloat16))
