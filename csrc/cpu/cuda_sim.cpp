@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "fused_opt/mta_ops.h"
+#include "fused_opt/registration.h"
 
 namespace fused_opt::mta {
 namespace {
@@ -31,11 +32,11 @@ struct SimRunner {
 };
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(fused_opt, CPU, m) {
-  m.impl("cuda_sim_adam_", TORCH_FN(&Ops<SimRunner>::adam));
-  m.impl("cuda_sim_rmsprop_", TORCH_FN(&Ops<SimRunner>::rmsprop));
-  m.impl("cuda_sim_sgd_", TORCH_FN(&Ops<SimRunner>::sgd));
-}
-
 }  // namespace fused_opt::mta
+
+void fused_opt::register_cuda_sim_kernels(torch::Library& m) {
+  using Sim = mta::Ops<mta::SimRunner>;
+  m.impl("cuda_sim_adam_", TORCH_FN(&Sim::adam));
+  m.impl("cuda_sim_rmsprop_", TORCH_FN(&Sim::rmsprop));
+  m.impl("cuda_sim_sgd_", TORCH_FN(&Sim::sgd));
+}

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "fused_opt/checks.h"
+#include "fused_opt/registration.h"
 #include "launch.h"
 
 namespace fused_opt::cpu {
@@ -113,11 +114,10 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(fused_opt, CPU, m) {
-  m.impl("adam_", &adam_cpu);
-  m.impl("rmsprop_", &rmsprop_cpu);
-  m.impl("sgd_", &sgd_cpu);
-}
-
 }  // namespace fused_opt::cpu
+
+void fused_opt::register_cpu_kernels(torch::Library& m) {
+  m.impl("adam_", &cpu::adam_cpu);
+  m.impl("rmsprop_", &cpu::rmsprop_cpu);
+  m.impl("sgd_", &cpu::sgd_cpu);
+}

@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fused_opt/registration.h"
 #include "launch.h"
 
 namespace fused_opt::cpu {
@@ -335,6 +336,14 @@ void bind_pack(py::module_& m);  // pack.cpp
 // The CPU extension module: loading it registers the CPU kernels of the ops (ops_cpu.cpp,
 // cuda_sim.cpp) and provides the group tables and the Triton backend's packing (pack.cpp).
 PYBIND11_MODULE(_C, m) {
+  try {
+    fused_opt::register_kernels(c10::DispatchKey::CPU, __FILE__, [](torch::Library& lib) {
+      fused_opt::register_cpu_kernels(lib);
+      fused_opt::register_cuda_sim_kernels(lib);
+    });
+  } catch (const std::runtime_error& e) {
+    throw pybind11::import_error(e.what());
+  }
   fused_opt::cpu::bind_tables(m);
   fused_opt::cpu::bind_pack(m);
 }

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "fused_opt/mta_ops.h"
+#include "fused_opt/registration.h"
 
 namespace fused_opt::mta {
 namespace {
@@ -31,11 +32,11 @@ struct CudaRunner {
 };
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
-  m.impl("adam_", TORCH_FN(&Ops<CudaRunner>::adam));
-  m.impl("rmsprop_", TORCH_FN(&Ops<CudaRunner>::rmsprop));
-  m.impl("sgd_", TORCH_FN(&Ops<CudaRunner>::sgd));
-}
-
 }  // namespace fused_opt::mta
+
+void fused_opt::register_cuda_kernels(torch::Library& m) {
+  using Cuda = mta::Ops<mta::CudaRunner>;
+  m.impl("adam_", TORCH_FN(&Cuda::adam));
+  m.impl("rmsprop_", TORCH_FN(&Cuda::rmsprop));
+  m.impl("sgd_", TORCH_FN(&Cuda::sgd));
+}
