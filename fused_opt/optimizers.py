@@ -233,7 +233,7 @@ class FusedOptimizer(Optimizer):
             options = self._options(group)
             # Groups with master weights take the op path (the tables have no slot for the copies).
             tabled = fast and not group["master_weights"]
-            if tabled and self._tables.run(self.family, group, options, amp):
+            if tabled and self._tables.run(self.family, group, options, amp, self._state_keys(group)):
                 continue
             params, grads = gathered[id(group)] if gathered else self._grads_of(group)
             if params:

@@ -39,6 +39,7 @@ class _Entry:
     group: dict
     table: object  # the C++ GroupTable
     backend: str  # "cpu": the table runs the CPU kernels; "triton": it hands its addresses to Triton
+    keys: tuple  # the state keys of its slots and of the step counter, when it was built
     device: torch.device
     dtype: torch.dtype
     plan: object = None  # triton: the launch's pointer table and block map
@@ -60,10 +61,12 @@ class Tables:
         """At the start of a step: has optimizer.state kept its entries since the last one?"""
         self._state_unchanged = self._snapshot is not None and self._snapshot.matches(state)
 
-    def run(self, family: str, group: dict, options: dict, amp: dict) -> bool:
-        """Steps `group` from its table; False (nothing written) when it has none or it declines."""
+    def run(self, family: str, group: dict, options: dict, amp: dict, keys: tuple) -> bool:
+        """Steps `group` from its table; False (nothing written) when it has none or it declines.
+        `keys`: the state keys the group's options call for now (an option such as amsgrad or
+        momentum switched on needs a state slot the table does not have)."""
         entry = self._tables.get(id(group)) if self._state_unchanged else None
-        if entry is None or entry.group is not group:
+        if entry is None or entry.group is not group or entry.keys != keys:
             return False
         if dispatch.select(group["backend"], entry.device, entry.dtype).name != entry.backend:
             return False
@@ -109,7 +112,7 @@ class Tables:
             table = ops.cpu_module().GroupTable(family, params, states, list(keys), step_key)
         except ValueError:  # something the fast path does not take (a subclass, a strided view, ...)
             return
-        entry = _Entry(group, table, backend, device, dtype)
+        entry = _Entry(group, table, backend, (tuple(keys), step_key), device, dtype)
         if backend == "triton":
             from .triton import launch
             entry.plan = launch.plan(*table.pointer_table(), device)

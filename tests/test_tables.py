@@ -194,6 +194,45 @@ def test_hyperparameter_changes_between_steps(algo, backend):
     assert pair.fast_steps == 4
 
 
+SLOT_CHANGES = {  # an option switched on mid-run that needs a state slot the table was built without
+    "adam-amsgrad": ("Adam", {"lr": 0.01}, {"amsgrad": True}),
+    "rmsprop-centered": ("RMSprop", {"lr": 0.01}, {"centered": True}),
+    "rmsprop-momentum": ("RMSprop", {"lr": 0.01, "centered": True}, {"momentum": 0.5}),
+    "sgd-momentum": ("SGD", {"lr": 0.1}, {"momentum": 0.9}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", SLOT_CHANGES)
+def test_an_option_that_needs_a_new_state_slot_is_followed(change, backend):
+    """torch.optim raises a KeyError here; fused_opt creates the new state as on a first step.
+    The table must decline (its slot for that state is empty) and be rebuilt; the reference
+    backend, which has no tables, is the yardstick."""
+    name, kwargs, switch = SLOT_CHANGES[change]
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g) for s in SHAPES]
+    runs = []
+    for b in (backend, "reference"):
+        params = [p.clone().requires_grad_() for p in init]
+        runs.append((params, getattr(fused_opt, name)(params, backend=b, **kwargs)))
+    for k in range(6):
+        if k == 3:
+            for _, opt in runs:
+                opt.param_groups[0].update(switch)
+        grads = [torch.randn(s, generator=g) for s in SHAPES]
+        for params, opt in runs:
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            opt.step()
+        (ours, opt), (ref, ref_opt) = runs
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            assert opt.state[p].keys() == ref_opt.state[q].keys()
+            for key, value in ref_opt.state[q].items():
+                torch.testing.assert_close(opt.state[p][key], value, rtol=1e-5, atol=1e-6)
+    assert opt._tables.fast_steps == 4  # steps 2, 3, 5 and 6: step 4 declined and rebuilt the table
+
+
 def test_grads_the_table_cannot_take_go_the_ordinary_way():
     pair = Pair("adam", shapes=[(3, 4), (5,)])
     pair.step()
