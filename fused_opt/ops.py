@@ -102,6 +102,11 @@ def triton_op(family: str):
     return getattr(torch.ops.fused_opt, f"triton_{family}_")
 
 
+def cuda_module():
+    """The compiled CUDA extension (fused_opt._C_cuda); load_extensions() says whether it loads."""
+    return importlib.import_module("fused_opt._C_cuda")
+
+
 def library() -> torch.library.Library:
     return _lib
 

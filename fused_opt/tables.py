@@ -1,9 +1,9 @@
-"""Cached group tables: the eager fast path of the optimizers (CPU and Triton backends).
+"""Cached group tables: the eager fast path of the optimizers (CPU, CUDA and Triton backends).
 
 An ordinary step hands the op its lists (params, grads, each state), and the dispatcher converts
 and the kernel re-checks every tensor of every list: ~0.2 us a tensor, most of a step for a model
 of thousands of small tensors. After an ordinary step of a param group that qualifies (params
-of one device and dtype run by the "cpu" or "triton" backend, all plain dense tensors), a GroupTable
+of one device and dtype run by the "cpu", "cuda" or "triton" backend, all plain dense tensors), a GroupTable
 (csrc/cpu/tables.cpp) remembers the group's tensors and the packed launch over them. The next
 steps hand it only the group's param list: it reads the grads itself and, before writing
 anything, checks that nothing it remembers has changed (same params with grads, same state tensor
@@ -11,9 +11,11 @@ objects in each param's state dict, same storage, size, dtype and layout); a Sta
 after each step catches entries of optimizer.state added, removed or replaced. When anything
 differs the table declines, the step takes the ordinary path, and the table is rebuilt from it.
 A group whose tables keep being declined (say, grads present on alternate steps) stops getting
-them. For the Triton backend the table does the same checks and hands this step's grad addresses
-to the Triton launch, whose pointer table and block map it keeps. Tables are for eager mode
-only: under torch.compile the ops are traced instead.
+them. For the CUDA and Triton backends the table does the same checks and hands this step's grad
+addresses, with the rest of the group's pointer table, to the kernels' launch (the CUDA
+extension's table_step; Triton's execute, whose block map it keeps); "cuda_sim" runs the CUDA
+path's host code on the CPU for the tests. Tables are for eager mode only: under torch.compile
+the ops are traced instead.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ def available() -> bool:
 class _Entry:
     group: dict
     table: object  # the C++ GroupTable
-    backend: str  # "cpu": the table runs the CPU kernels; "triton": it hands its addresses to Triton
+    backend: str  # "cpu": the table runs the CPU kernels; else it hands its addresses to the backend's launch
     keys: tuple  # the state keys of its slots and of the step counter, when it was built
     device: torch.device
     dtype: torch.dtype
     plan: object = None  # triton: the launch's pointer table and block map
-    steps: list[Tensor] = field(default_factory=list)  # triton: the step counters, in param order
+    pointers: tuple = ()  # cuda, cuda_sim: the pointer table (int64 [6, n], CPU) and numels
+    like: Tensor | None = None  # cuda, cuda_sim: the first param (device and dtype of the launch)
+    steps: list[Tensor] = field(default_factory=list)  # the step counters, in param order
 
 
 class Tables:
@@ -74,8 +78,10 @@ class Tables:
         scalars = functional.lr_kwargs(group["lr"], entry.device)
         if entry.backend == "cpu":
             done = getattr(entry.table, family)(group["params"], **kwargs, **scalars, **amp)
-        else:
+        elif entry.backend == "triton":
             done = self._run_triton(family, entry, group, kwargs, scalars, amp)
+        else:
+            done = self._run_cuda(family, entry, group, kwargs, scalars, amp)
         if done:
             self._builds[id(group)] = 0
             self.fast_steps += 1
@@ -94,6 +100,21 @@ class Tables:
                        advance_host_steps=entry.table.advance_host_steps)
         return True
 
+    @staticmethod
+    def _run_cuda(family: str, entry: _Entry, group: dict, kwargs: dict, scalars: dict, amp: dict) -> bool:
+        if kwargs.get("first_step") or any(t is not None and t.numel() != 1 for t in amp.values()):
+            return False
+        grad_ptrs = entry.table.grad_pointers(group["params"])
+        if grad_ptrs is None:
+            return False
+        table, numels = entry.pointers
+        table[1].copy_(grad_ptrs)
+        module = ops.cpu_module() if entry.backend == "cuda_sim" else ops.cuda_module()
+        step = module.sim_table_step if entry.backend == "cuda_sim" else module.table_step
+        step(family, table, numels, entry.like, entry.steps, scalars["lr"], scalars.get("lr_tensor"), amp["grad_scale"],
+             amp["found_inf"], options=kwargs)
+        return True
+
     def learn(self, family: str, group: dict, params: list[Tensor], state: dict, keys, step_key) -> None:
         """After an ordinary step of `group` over `params`: build a table for the next steps."""
         key = id(group)
@@ -104,7 +125,7 @@ class Tables:
             return
         device, dtype = params[0].device, params[0].dtype
         backend = dispatch.select(group["backend"], device, dtype).name
-        if backend not in ("cpu", "triton"):
+        if backend not in ("cpu", "triton", "cuda", "cuda_sim"):
             return
         self._builds[key] = builds + 1
         states = [state[p] for p in params] if step_key or any(keys) else [None] * len(params)
@@ -113,10 +134,12 @@ class Tables:
         except ValueError:  # something the fast path does not take (a subclass, a strided view, ...)
             return
         entry = _Entry(group, table, backend, (tuple(keys), step_key), device, dtype)
+        entry.steps = [s[step_key] for s in states] if step_key else []
         if backend == "triton":
             from .triton import launch
             entry.plan = launch.plan(*table.pointer_table(), device)
-            entry.steps = [s[step_key] for s in states] if step_key else []
+        elif backend != "cpu":
+            entry.pointers, entry.like = table.pointer_table(), params[0]
         self._tables[key] = entry
 
     def end(self, state: dict) -> None:

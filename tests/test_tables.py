@@ -23,8 +23,9 @@ ALGOS = {
 }
 
 
-# The CPU kernels run from the table; for Triton the table hands its addresses to the launch.
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+# The CPU kernels run from the table; for the CUDA kernels (here their traversal simulated on the
+# CPU, the same host code) and for Triton the table hands its addresses to the launch.
+BACKENDS = ["cpu", "cuda_sim", pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                                                     reason="needs TRITON_INTERPRET=1"))]
 
 

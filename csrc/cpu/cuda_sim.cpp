@@ -32,6 +32,11 @@ struct SimRunner {
 };
 
 }  // namespace
+
+void sim_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o) {
+  table_step<SimRunner>(family, a, o);
+}
+
 }  // namespace fused_opt::mta
 
 void fused_opt::register_cuda_sim_kernels(torch::Library& m) {

@@ -18,6 +18,7 @@
 #include <string>
 
 #include "fused_opt/registration.h"
+#include "fused_opt/table_binding.h"
 #include "launch.h"
 
 namespace fused_opt::cpu {
@@ -346,4 +347,5 @@ PYBIND11_MODULE(_C, m) {
   }
   fused_opt::cpu::bind_tables(m);
   fused_opt::cpu::bind_pack(m);
+  fused_opt::mta::bind_table_step(m, "sim_table_step", &fused_opt::mta::sim_table_step);
 }

@@ -32,6 +32,11 @@ struct CudaRunner {
 };
 
 }  // namespace
+
+void cuda_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o) {
+  table_step<CudaRunner>(family, a, o);
+}
+
 }  // namespace fused_opt::mta
 
 void fused_opt::register_cuda_kernels(torch::Library& m) {

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "fused_opt/checks.h"
@@ -26,7 +27,7 @@ struct ScalarTensors {
   bool skip = false;  // found_inf known on the host and set
 };
 
-ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                            const OptTensor& found_inf, const at::Device& device) {
   ScalarTensors out;
   out.s.lr = lr;
@@ -88,6 +89,21 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
   return out;
 }
 
+// All launches over n tensors described by `d` (addr, numel, step_host, step_dev of tensor t).
+template <typename Runner, typename Describe, typename Family>
+void launch_all(int n, const Describe& d, at::ScalarType dtype, bool master, const ScalarTensors& sc,
+                const Family& family) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_opt_mta", [&] {
+    constexpr bool half = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+    for_each_launch(n, d, [&](const Meta& meta, int blocks) {
+      if constexpr (half) {  // fp32 master weights exist for 16-bit params only (checked before)
+        if (master) return Runner::template launch<scalar_t, true>(meta, blocks, sc.s, family);
+      }
+      Runner::template launch<scalar_t, false>(meta, blocks, sc.s, family);
+    });
+  });
+}
+
 template <typename Runner, typename Family>
 void run(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
          at::TensorList masters, const Steps& steps, const ScalarTensors& sc, const Family& family) {
@@ -107,15 +123,7 @@ void run(at::TensorList params, at::TensorList grads, std::initializer_list<at::
     double step_host(int t) const { return steps.host.empty() ? 0.0 : steps.host[t]; }
     const float* step_dev(int t) const { return steps.dev.empty() ? nullptr : steps.dev[t]; }
   } d{params, grads, std::vector<at::TensorList>(states), masters, steps};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_opt_mta", [&] {
-    constexpr bool half = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
-    for_each_launch(static_cast<int>(params.size()), d, [&](const Meta& meta, int blocks) {
-      if constexpr (half) {  // fp32 master weights exist for 16-bit params only (checked before)
-        if (!masters.empty()) return Runner::template launch<scalar_t, true>(meta, blocks, sc.s, family);
-      }
-      Runner::template launch<scalar_t, false>(meta, blocks, sc.s, family);
-    });
-  });
+  launch_all<Runner>(static_cast<int>(params.size()), d, params[0].scalar_type(), !masters.empty(), sc, family);
 }
 
 // Everything an op does once its lists passed check_group: device and guard, scalar tensors, the
@@ -180,5 +188,62 @@ struct Ops {
     update<Runner>(op, params, grads, {momentum_buffers}, master_params, {}, lr, lr_tensor, grad_scale, found_inf, family);
   }
 };
+
+// ---------------------------------------------------------------- launches from a pointer table
+// The optimizers' cached group tables (fused_opt/tables.py, csrc/cpu/tables.cpp) check a group's
+// tensors once and then pass only addresses: int64 [6, n] in slot order (0 where unused; no
+// master copies), with this step's grads in row 1, and the numels. Everything else is as an op.
+struct TableArgs {
+  at::Tensor table, numels;  // CPU int64
+  at::ScalarType dtype;
+  at::Device device;
+  std::vector<at::Tensor> steps;  // the step counters, in table order (none for SGD)
+  double lr;
+  OptTensor lr_tensor, grad_scale, found_inf;
+};
+
+// The options of the family named in a table step (the one that is used).
+struct FamilyOptions {
+  AdamOptions adam;
+  RMSpropOptions rmsprop;
+  SGDOptions sgd;
+};
+
+template <typename Runner, typename Family>
+void table_update(const TableArgs& a, const Family& family) {
+  const int64_t n = a.numels.numel();
+  TORCH_CHECK(a.table.scalar_type() == at::kLong && a.table.is_contiguous() && a.table.dim() == 2 &&
+                  a.table.size(0) == kSlots && a.table.size(1) == n && a.numels.scalar_type() == at::kLong &&
+                  a.numels.is_contiguous() && (a.steps.empty() || int64_t(a.steps.size()) == n),
+              "fused_opt: malformed pointer table");
+  if (n == 0) return;
+  typename Runner::Guard guard(a.device);
+  const ScalarTensors sc = make_scalars(a.lr, a.lr_tensor, a.grad_scale, a.found_inf, a.device);
+  if (sc.skip) return;
+  const Steps steps = advance_steps(a.steps, a.device, sc, a.found_inf);
+  struct Describe {
+    const int64_t* rows;
+    int64_t n;
+    const int64_t* numels;
+    const Steps& steps;
+    int64_t numel(int t) const { return numels[t]; }
+    void* addr(int t, int k) const { return reinterpret_cast<void*>(rows[k * n + t]); }
+    double step_host(int t) const { return steps.host.empty() ? 0.0 : steps.host[t]; }
+    const float* step_dev(int t) const { return steps.dev.empty() ? nullptr : steps.dev[t]; }
+  } d{a.table.data_ptr<int64_t>(), n, a.numels.data_ptr<int64_t>(), steps};
+  launch_all<Runner>(static_cast<int>(n), d, a.dtype, false, sc, family);
+}
+
+template <typename Runner>
+void table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o) {
+  if (family == "adam") return table_update<Runner>(a, AdamFamily{o.adam});
+  if (family == "rmsprop") return table_update<Runner>(a, RMSpropFamily{o.rmsprop});
+  TORCH_CHECK(family == "sgd", "fused_opt: unknown algorithm family ", family);
+  table_update<Runner>(a, SGDFamily{o.sgd});
+}
+
+// Defined by the CUDA kernels (ops_cuda.cu) and by their CPU simulation (cuda_sim.cpp).
+void cuda_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o);
+void sim_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o);
 
 }  // namespace fused_opt::mta
