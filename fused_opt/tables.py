@@ -78,41 +78,32 @@ class Tables:
         scalars = functional.lr_kwargs(group["lr"], entry.device)
         if entry.backend == "cpu":
             done = getattr(entry.table, family)(group["params"], **kwargs, **scalars, **amp)
-        elif entry.backend == "triton":
-            done = self._run_triton(family, entry, group, kwargs, scalars, amp)
         else:
-            done = self._run_cuda(family, entry, group, kwargs, scalars, amp)
+            done = self._launch_elsewhere(family, entry, group, kwargs, scalars, amp)
         if done:
             self._builds[id(group)] = 0
             self.fast_steps += 1
         return done
 
     @staticmethod
-    def _run_triton(family: str, entry: _Entry, group: dict, kwargs: dict, scalars: dict, amp: dict) -> bool:
+    def _launch_elsewhere(family: str, entry: _Entry, group: dict, kwargs: dict, scalars: dict, amp: dict) -> bool:
+        """CUDA, cuda_sim and Triton: the table checks, then this step's grad addresses go with
+        the rest of its pointer table to the backend's launch."""
         if kwargs.get("first_step") or any(t is not None and t.numel() != 1 for t in amp.values()):
-            return False
+            return False  # SGD's fresh momentum buffers, or AMP tensors the ops would refuse
         grad_ptrs = entry.table.grad_pointers(group["params"])
         if grad_ptrs is None:
             return False
-        from .triton import launch  # imported with the backend, which this table was built for
-        launch.execute(family, entry.plan, grad_ptrs, entry.device, entry.dtype, entry.steps, scalars["lr"],
-                       scalars.get("lr_tensor"), amp["grad_scale"], amp["found_inf"], kwargs,
-                       advance_host_steps=entry.table.advance_host_steps)
-        return True
-
-    @staticmethod
-    def _run_cuda(family: str, entry: _Entry, group: dict, kwargs: dict, scalars: dict, amp: dict) -> bool:
-        if kwargs.get("first_step") or any(t is not None and t.numel() != 1 for t in amp.values()):
-            return False
-        grad_ptrs = entry.table.grad_pointers(group["params"])
-        if grad_ptrs is None:
-            return False
+        lr, lr_tensor, grad_scale, found_inf = scalars["lr"], scalars.get("lr_tensor"), amp["grad_scale"], amp["found_inf"]
+        if entry.backend == "triton":
+            from .triton import launch  # imported with the backend, which this table was built for
+            launch.execute(family, entry.plan, grad_ptrs, entry.device, entry.dtype, entry.steps, lr, lr_tensor,
+                           grad_scale, found_inf, kwargs, advance_host_steps=entry.table.advance_host_steps)
+            return True
         table, numels = entry.pointers
         table[1].copy_(grad_ptrs)
-        module = ops.cpu_module() if entry.backend == "cuda_sim" else ops.cuda_module()
-        step = module.sim_table_step if entry.backend == "cuda_sim" else module.table_step
-        step(family, table, numels, entry.like, entry.steps, scalars["lr"], scalars.get("lr_tensor"), amp["grad_scale"],
-             amp["found_inf"], options=kwargs)
+        step = ops.cpu_module().sim_table_step if entry.backend == "cuda_sim" else ops.cuda_module().table_step
+        step(family, table, numels, entry.like, entry.steps, lr, lr_tensor, grad_scale, found_inf, options=kwargs)
         return True
 
     def learn(self, family: str, group: dict, params: list[Tensor], state: dict, keys, step_key) -> None:
