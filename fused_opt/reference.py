@@ -2,9 +2,9 @@
 
 The readable oracle for the tests and the last-resort backend. Same signatures as the ops in
 ops.py; one tensor at a time, math in float32 (float64 for float64 params), 16-bit tensors
-rounded once on store; with master_params, on the float32 master copy. Written for clarity, not speed, and without host syncs or data-dependent
-branches (lr, grad_scale, found_inf and the step counters may be tensors), so that torch.compile
-can trace it whole.
+rounded once on store; with master_params, on the float32 master copy. Written for clarity, not
+speed, and without host syncs or data-dependent branches (lr, grad_scale, found_inf and the step
+counters may be tensors), so that torch.compile can trace it whole.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, 
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
         step = _advance(state_steps[i], skip)
-        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
-                            weight_decay=weight_decay, decoupled=decoupled_weight_decay, l1=l1,
+        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale,
+                            maximize=maximize, weight_decay=weight_decay, decoupled=decoupled_weight_decay, l1=l1,
                             l1_proximal=l1_proximal)
         m = torch.lerp(_opmath(exp_avgs[i]), g, 1 - beta1)
         v = _opmath(exp_avg_sqs[i]) * beta2 + (1 - beta2) * g * g
@@ -109,8 +109,9 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_par
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
         _advance(state_steps[i], skip)
-        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
-                            weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
+        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale,
+                            maximize=maximize, weight_decay=weight_decay, decoupled=False, l1=l1,
+                            l1_proximal=l1_proximal)
         sq = _opmath(square_avgs[i]) * alpha + (1 - alpha) * g * g
         if centered:
             ga = torch.lerp(_opmath(grad_avgs[i]), g, 1 - alpha)
@@ -135,8 +136,9 @@ def sgd_(params, grads, momentum_buffers, master_params, *, lr, weight_decay, mo
     lr, inv_scale = _scalars(lr, lr_tensor, grad_scale)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
-        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale, maximize=maximize,
-                            weight_decay=weight_decay, decoupled=False, l1=l1, l1_proximal=l1_proximal)
+        p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale,
+                            maximize=maximize, weight_decay=weight_decay, decoupled=False, l1=l1,
+                            l1_proximal=l1_proximal)
         if momentum != 0:
             buf = g if first_step else _opmath(momentum_buffers[i]) * momentum + (1 - dampening) * g
             g = g + momentum * buf if nesterov else buf

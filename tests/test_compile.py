@@ -61,3 +61,34 @@ def test_compiled_step_matches_eager_without_recompiling(backend, algo):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.01 * 0.7**6)
     assert counter.frame_count == frames_after_warmup, "a changed lr must not recompile"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+def test_compiled_step_with_master_weights(backend):
+    """bfloat16 params with float32 master copies: the first compiled step creates the copies and
+    float32 states in the graph, and the trajectory is eager's, without recompiling."""
+    torch._dynamo.reset()
+    eager_model, compiled_model = _model().to(torch.bfloat16), _model().to(torch.bfloat16)
+    kwargs = dict(lr=torch.tensor(0.01), backend=backend, master_weights=True, weight_decay=0.1)
+    eager = fused_opt.AdamW(eager_model.parameters(), **kwargs)
+    opt = fused_opt.AdamW(compiled_model.parameters(), **{**kwargs, "lr": torch.tensor(0.01)})
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step():
+        opt.step()
+
+    for i in range(4):
+        for model in (eager_model, compiled_model):
+            g = torch.Generator().manual_seed(i)
+            model.zero_grad()
+            model(torch.randn(5, 6, generator=g).to(torch.bfloat16)).float().pow(2).mean().backward()
+        eager.step()
+        step()
+        if i == 1:
+            frames_after_warmup = counter.frame_count
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            assert torch.equal(q, p)
+            assert opt.state[q]["master_param"].dtype == opt.state[q]["exp_avg"].dtype == torch.float32
+            torch.testing.assert_close(opt.state[q]["master_param"], eager.state[p]["master_param"], rtol=0, atol=0)
+    assert counter.frame_count == frames_after_warmup
