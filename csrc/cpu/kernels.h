@@ -20,6 +20,14 @@
 
 namespace fused_opt::cpu::CPU_CAPABILITY {
 
+// The per-element lambdas must fold into each loop: called out of line, their vector arguments go
+// through memory (GCC stopped inlining them once each had ten loops to serve, not five).
+#if defined(__GNUC__)
+#define FUSED_OPT_INLINE __attribute__((always_inline))
+#else
+#define FUSED_OPT_INLINE
+#endif
+
 template <typename scalar_t>
 constexpr bool is_16bit = std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
@@ -52,7 +60,7 @@ struct SlotIO {
 
 // Which slots a loop touches, from its Mask (bit k: slot k is in use; bit kMaster: master
 // weights). All but slot 1 (the grad) are stored; with master weights x[0] is the master's
-// value, so the param itself is written (rounded from it) but never read.
+// value, so the param itself is written (rounded from it) but never read from its own slot.
 template <int Mask>
 struct Slots {
   static constexpr bool master = ((Mask >> kMaster) & 1) != 0;
@@ -61,72 +69,72 @@ struct Slots {
   static constexpr bool stored(int k) { return in_use(k) && k != 1; }
 };
 
-// Calls f(std::integral_constant<int, k>) for k = 0 .. kPointers-1 (each slot gets its own type).
-template <typename F, int... k>
-void for_slots(F&& f, std::integer_sequence<int, k...>) {
-  (f(std::integral_constant<int, k>{}), ...);
-}
-template <typename F>
-void for_slots(F&& f) {
-  for_slots(f, std::make_integer_sequence<int, kPointers>{});
-}
-
 // Runs fn(x) over n elements from element `begin` on, where x[k] is slot k's value (in opmath).
 // Mask is a template argument so that the loop for each family's slot pattern compiles to
-// straight-line SIMD code.
+// straight-line SIMD code. Slots 0-1 hold scalar_t, the states state_t (float32 with master
+// weights, else scalar_t), the master copy float32.
 template <typename scalar_t, int Mask, typename Fn>
 void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& fn) {
   using Vec = at::vec::Vectorized<scalar_t>;
   using opmath_t = at::opmath_type<scalar_t>;
   using OVec = at::vec::Vectorized<opmath_t>;
   using S = Slots<Mask>;
+  using state_t = slot_t<scalar_t, S::master, 2>;
   static_assert(!S::master || is_16bit<scalar_t>, "master weights are for 16-bit params");
-  auto ptr = [&](auto k) {  // slot k's typed pointer at `begin`
-    return static_cast<slot_t<scalar_t, S::master, decltype(k)::value>*>(base[decltype(k)::value]) + begin;
-  };
+  std::array<scalar_t*, 2> own;  // param, grad
+  std::array<state_t*, kSlots - 2> states;
+  for (int k = 0; k < 2; ++k) own[k] = static_cast<scalar_t*>(base[k]) + begin;
+  for (int k = 2; k < kSlots; ++k) states[k - 2] = static_cast<state_t*>(base[k]) + begin;
+  float* master = static_cast<float*>(base[kMaster]) + begin;
   constexpr int64_t width = Vec::size();
   int64_t i = 0;
   for (; i + width <= n; i += width) {
     if constexpr (is_16bit<scalar_t>) {
-      std::array<OVec, kPointers> lo, hi;
-      for_slots([&](auto k) {
-        constexpr int K = decltype(k)::value;
-        if constexpr (S::loaded(K)) std::tie(lo[K], hi[K]) = SlotIO<scalar_t, slot_t<scalar_t, S::master, K>>::load(ptr(k) + i);
-      });
-      if constexpr (S::master) lo[0] = lo[kMaster], hi[0] = hi[kMaster];
+      std::array<OVec, kSlots> lo, hi;
+      for (int k = 0; k < 2; ++k) {
+        if (S::loaded(k)) std::tie(lo[k], hi[k]) = SlotIO<scalar_t, scalar_t>::load(own[k] + i);
+      }
+      for (int k = 2; k < kSlots; ++k) {
+        if (S::loaded(k)) std::tie(lo[k], hi[k]) = SlotIO<scalar_t, state_t>::load(states[k - 2] + i);
+      }
+      if constexpr (S::master) std::tie(lo[0], hi[0]) = SlotIO<scalar_t, float>::load(master + i);
       fn(lo);
       fn(hi);
-      if constexpr (S::master) lo[kMaster] = lo[0], hi[kMaster] = hi[0];
-      for_slots([&](auto k) {
-        constexpr int K = decltype(k)::value;
-        if constexpr (S::stored(K)) SlotIO<scalar_t, slot_t<scalar_t, S::master, K>>::store(ptr(k) + i, lo[K], hi[K]);
-      });
+      if constexpr (S::master) SlotIO<scalar_t, float>::store(master + i, lo[0], hi[0]);
+      if (S::stored(0)) SlotIO<scalar_t, scalar_t>::store(own[0] + i, lo[0], hi[0]);
+      for (int k = 2; k < kSlots; ++k) {
+        if (S::stored(k)) SlotIO<scalar_t, state_t>::store(states[k - 2] + i, lo[k], hi[k]);
+      }
     } else {
-      std::array<OVec, kPointers> x;
-      for_slots([&](auto k) {
-        constexpr int K = decltype(k)::value;
-        if constexpr (S::loaded(K)) x[K] = OVec::loadu(ptr(k) + i);
-      });
+      std::array<OVec, kSlots> x;
+      for (int k = 0; k < 2; ++k) {
+        if (S::loaded(k)) x[k] = OVec::loadu(own[k] + i);
+      }
+      for (int k = 2; k < kSlots; ++k) {
+        if (S::loaded(k)) x[k] = OVec::loadu(states[k - 2] + i);
+      }
       fn(x);
-      for_slots([&](auto k) {
-        constexpr int K = decltype(k)::value;
-        if constexpr (S::stored(K)) x[K].store(ptr(k) + i);
-      });
+      if (S::stored(0)) x[0].store(own[0] + i);
+      for (int k = 2; k < kSlots; ++k) {
+        if (S::stored(k)) x[k].store(states[k - 2] + i);
+      }
     }
   }
   for (; i < n; ++i) {
-    std::array<opmath_t, kPointers> x{};
-    for_slots([&](auto k) {
-      constexpr int K = decltype(k)::value;
-      if constexpr (S::loaded(K)) x[K] = static_cast<opmath_t>(ptr(k)[i]);
-    });
-    if constexpr (S::master) x[0] = x[kMaster];
+    std::array<opmath_t, kSlots> x{};
+    for (int k = 0; k < 2; ++k) {
+      if (S::loaded(k)) x[k] = static_cast<opmath_t>(own[k][i]);
+    }
+    for (int k = 2; k < kSlots; ++k) {
+      if (S::loaded(k)) x[k] = static_cast<opmath_t>(states[k - 2][i]);
+    }
+    if constexpr (S::master) x[0] = master[i];
     fn(x);
-    if constexpr (S::master) x[kMaster] = x[0];
-    for_slots([&](auto k) {
-      constexpr int K = decltype(k)::value;
-      if constexpr (S::stored(K)) ptr(k)[i] = static_cast<slot_t<scalar_t, S::master, K>>(x[K]);
-    });
+    if constexpr (S::master) master[i] = x[0];
+    if (S::stored(0)) own[0][i] = static_cast<scalar_t>(x[0]);
+    for (int k = 2; k < kSlots; ++k) {
+      if (S::stored(k)) states[k - 2][i] = static_cast<state_t>(x[k]);
+    }
   }
 }
 
@@ -143,7 +151,7 @@ void run_masked(const Launch& launch, const std::vector<Coeffs>& coeffs, const U
       const TensorJob& job = launch.tensors[chunk.tensor];
       const Coeffs& coeff = coeffs[chunk.tensor];
       for_each_element<scalar_t, Mask>(job.ptr, chunk.begin, chunk.end - chunk.begin,
-                                       [&](auto& x) { update(x, coeff); });
+                                       [&](auto& x) FUSED_OPT_INLINE { update(x, coeff); });
     }
   };
   const int64_t n = static_cast<int64_t>(launch.chunks.size());
@@ -192,7 +200,7 @@ void adam(const Launch& launch, const AdamOptions& o) {
       const bool same = !coeffs.empty() && t.step == (&t - 1)->step;
       coeffs.push_back(same ? coeffs.back() : adam_coeffs<S>(o, launch.lr, t.step, launch.inv_grad_scale));
     }
-    run<scalar_t>(launch, coeffs, [](auto& x, const AdamCoeffs<S>& c) { adam_update(x[0], x[1], x[2], x[3], x[4], c); });
+    run<scalar_t>(launch, coeffs, [](auto& x, const AdamCoeffs<S>& c) FUSED_OPT_INLINE { adam_update(x[0], x[1], x[2], x[3], x[4], c); });
   });
 }
 
@@ -200,7 +208,7 @@ void rmsprop(const Launch& launch, const RMSpropOptions& o) {
   FUSED_OPT_DISPATCH(launch.dtype, [&] {
     using S = at::opmath_type<scalar_t>;
     std::vector<RMSpropCoeffs<S>> coeffs(launch.tensors.size(), rmsprop_coeffs<S>(o, launch.lr, launch.inv_grad_scale));
-    run<scalar_t>(launch, coeffs, [](auto& x, const RMSpropCoeffs<S>& c) { rmsprop_update(x[0], x[1], x[2], x[3], x[4], c); });
+    run<scalar_t>(launch, coeffs, [](auto& x, const RMSpropCoeffs<S>& c) FUSED_OPT_INLINE { rmsprop_update(x[0], x[1], x[2], x[3], x[4], c); });
   });
 }
 
@@ -208,7 +216,7 @@ void sgd(const Launch& launch, const SGDOptions& o) {
   FUSED_OPT_DISPATCH(launch.dtype, [&] {
     using S = at::opmath_type<scalar_t>;
     std::vector<SGDCoeffs<S>> coeffs(launch.tensors.size(), sgd_coeffs<S>(o, launch.lr, launch.inv_grad_scale));
-    run<scalar_t>(launch, coeffs, [](auto& x, const SGDCoeffs<S>& c) { sgd_update(x[0], x[1], x[2], c); });
+    run<scalar_t>(launch, coeffs, [](auto& x, const SGDCoeffs<S>& c) FUSED_OPT_INLINE { sgd_update(x[0], x[1], x[2], c); });
   });
 }
 

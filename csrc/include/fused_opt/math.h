@@ -9,8 +9,12 @@
 
 #include <cmath>
 
+// Always inlined: the per-element math must fold into each kernel's loop (called out of line, its
+// vector arguments go through memory).
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FO_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FO_HD inline __attribute__((always_inline))
 #else
 #define FO_HD inline
 #endif
