@@ -13,7 +13,6 @@
 
 #include <tuple>
 #include <type_traits>
-#include <utility>
 
 #include "launch.h"
 #include "vec_ops.h"
@@ -31,10 +30,9 @@ namespace fused_opt::cpu::CPU_CAPABILITY {
 template <typename scalar_t>
 constexpr bool is_16bit = std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
-// Slot k's element type: params and grads are scalar_t; states are float32 when master weights
-// are in use (Master), else scalar_t; the master copy (slot kMaster) is float32.
-template <typename scalar_t, bool Master, int k>
-using slot_t = std::conditional_t<k == kMaster || (Master && k >= 2), float, scalar_t>;
+// The states' element type: float32 with master weights (Master), else the params' scalar_t.
+template <typename scalar_t, bool Master>
+using state_type = std::conditional_t<Master, float, scalar_t>;
 
 // Loads and stores of one slot as opmath vectors: 16-bit types convert to and from two float
 // vectors; float32 in a 16-bit loop (master weights) is two plain float vectors.
@@ -79,7 +77,7 @@ void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& 
   using opmath_t = at::opmath_type<scalar_t>;
   using OVec = at::vec::Vectorized<opmath_t>;
   using S = Slots<Mask>;
-  using state_t = slot_t<scalar_t, S::master, 2>;
+  using state_t = state_type<scalar_t, S::master>;
   static_assert(!S::master || is_16bit<scalar_t>, "master weights are for 16-bit params");
   std::array<scalar_t*, 2> own;  // param, grad
   std::array<state_t*, kSlots - 2> states;

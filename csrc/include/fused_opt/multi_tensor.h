@@ -13,8 +13,8 @@
 
 namespace fused_opt::mta {
 
-constexpr int kSlots = 6;           // 0 param, 1 grad (read only), 2..4 state (null if unused),
-constexpr int kMaster = 5;          // 5 the float32 master copy of a 16-bit param (null if unused)
+constexpr int kSlots = 6;           // 0 param, 1 grad (read only), 2..4 state, 5 master (null if unused)
+constexpr int kMaster = 5;          // the float32 master copy of a 16-bit param
 constexpr int kMaxTensors = 32;     // with kMaxBlocks, keeps Meta under the 4 KB of kernel arguments
 constexpr int kMaxBlocks = 320;
 constexpr int64_t kChunk = 65536;   // elements per block
@@ -38,6 +38,8 @@ struct Scalars {
   const float* found_inf;    // the whole update is skipped when set and non-zero
   double inv_scale_host;     // 1 / grad_scale when the scale is known on the host
 };
+// A kernel's arguments (Meta, Scalars, the family's options: under 128 bytes) must fit in 4 KB.
+static_assert(sizeof(Meta) + sizeof(Scalars) + 128 <= 4096, "launch metadata over the kernel argument limit");
 
 // W elements of one slot, moved by 16-byte vector loads/stores (two for float32 slots in a
 // 16-bit loop).
@@ -168,6 +170,8 @@ struct SGDFamily {
   }
   template <typename S> FO_HD void update(S* x, const SGDCoeffs<S>& c) const { sgd_update(x[0], x[1], x[2], c); }
 };
+static_assert(sizeof(AdamFamily) <= 128 && sizeof(RMSpropFamily) <= 128 && sizeof(SGDFamily) <= 128,
+              "a family's options must stay within the 128 bytes the argument budget above allows them");
 
 // Host side: packs tensors and their chunks into Meta and calls launch(meta, nblocks) each time a
 // launch is full, and once at the end. `addr(t, k)`, `numel(t)`, `step_host(t)`, `step_dev(t)`
