@@ -126,6 +126,16 @@ def _store_param(table, n, t, offs, numel, p, DTYPE: tl.constexpr, ALIGNED: tl.c
 
 
 @triton.jit
+def _param_and_grad(table, n, t, offs, numel, coef, DTYPE: tl.constexpr, OPMATH: tl.constexpr, MASTER: tl.constexpr,
+                    ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
+                    L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr):
+    """Every family's start: the param (or its master copy) and the grad, loaded and prepared."""
+    p = _load_param(table, n, t, offs, numel, DTYPE, OPMATH, ALIGNED, MASKED, MASTER)
+    g = _load(_slot(table, 1, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
+    return _prepare_grad(p, g, coef, SCALE_GRAD, COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
+
+
+@triton.jit
 def _program(numels, block_tensor, block_start, found_inf, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """This program's tensor, its elements and the tensor's numel; whether to write at all."""
     b = tl.program_id(0)
@@ -143,17 +153,16 @@ def _program(numels, block_tensor, block_start, found_inf, BLOCK: tl.constexpr, 
 
 @triton.jit
 def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, STATE: tl.constexpr,
-                OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
-                L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
+                OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+                SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr, L1_SUBGRADIENT: tl.constexpr,
+                DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                 AMSGRAD: tl.constexpr, _F2: tl.constexpr, _F3: tl.constexpr):
     m_ptr = _slot(table, 2, n, t, STATE, ALIGNED)
     v_ptr = _slot(table, 3, n, t, STATE, ALIGNED)
-    p = _load_param(table, n, t, offs, numel, DTYPE, OPMATH, ALIGNED, MASKED, MASTER)
-    g = _load(_slot(table, 1, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
+    p, g = _param_and_grad(table, n, t, offs, numel, coef, DTYPE, OPMATH, MASTER, ALIGNED, MASKED, SCALE_GRAD,
+                           COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
     exp_avg = _load(m_ptr, offs, numel, OPMATH, MASKED)
     exp_avg_sq = _load(v_ptr, offs, numel, OPMATH, MASKED)
-
-    p, g = _prepare_grad(p, g, coef, SCALE_GRAD, COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
     exp_avg = _lerp(exp_avg, g, tl.load(coef + COMMON))
     exp_avg_sq = exp_avg_sq * tl.load(coef + COMMON + 1) + tl.load(coef + COMMON + 2) * g * g
     second = exp_avg_sq
@@ -172,15 +181,14 @@ def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr,
 
 @triton.jit
 def _rmsprop_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, STATE: tl.constexpr,
-                   OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
-                   L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
+                   OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+                   SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr, L1_SUBGRADIENT: tl.constexpr,
+                   DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                    CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, _F3: tl.constexpr):
     sq_ptr = _slot(table, 2, n, t, STATE, ALIGNED)
-    p = _load_param(table, n, t, offs, numel, DTYPE, OPMATH, ALIGNED, MASKED, MASTER)
-    g = _load(_slot(table, 1, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
+    p, g = _param_and_grad(table, n, t, offs, numel, coef, DTYPE, OPMATH, MASTER, ALIGNED, MASKED, SCALE_GRAD,
+                           COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
     square_avg = _load(sq_ptr, offs, numel, OPMATH, MASKED)
-
-    p, g = _prepare_grad(p, g, coef, SCALE_GRAD, COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
     one_minus_alpha = tl.load(coef + COMMON + 1)
     square_avg = square_avg * tl.load(coef + COMMON) + one_minus_alpha * g * g
     if CENTERED:
@@ -207,13 +215,12 @@ def _rmsprop_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constex
 
 @triton.jit
 def _sgd_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr, STATE: tl.constexpr,
-               OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr,
-               L1_SUBGRADIENT: tl.constexpr, DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
+               OPMATH: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+               SCALE_GRAD: tl.constexpr, COUPLED_L2: tl.constexpr, L1_SUBGRADIENT: tl.constexpr,
+               DECOUPLED_L2: tl.constexpr, L1_PROXIMAL: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr):
-    p = _load_param(table, n, t, offs, numel, DTYPE, OPMATH, ALIGNED, MASKED, MASTER)
-    g = _load(_slot(table, 1, n, t, DTYPE, ALIGNED), offs, numel, OPMATH, MASKED)
-
-    p, g = _prepare_grad(p, g, coef, SCALE_GRAD, COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
+    p, g = _param_and_grad(table, n, t, offs, numel, coef, DTYPE, OPMATH, MASTER, ALIGNED, MASKED, SCALE_GRAD,
+                           COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2)
     if MOMENTUM:
         momentum = tl.load(coef + COMMON)
         buf_ptr = _slot(table, 2, n, t, STATE, ALIGNED)
