@@ -124,34 +124,55 @@ def _check_lengths(family: str, names: Sequence[str], lists: Sequence[Sequence],
 
 def adam_options(*, amsgrad: bool, beta1: float, beta2: float, weight_decay: float, eps: float, maximize: bool,
                  decoupled_weight_decay: bool = False, l1: float = 0.0, l1_mode: str = "subgradient") -> dict:
-    return dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
-                amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+    return dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), amsgrad=amsgrad, maximize=maximize,
+                decoupled_weight_decay=decoupled_weight_decay, **_weight_decay_kwargs(weight_decay),
                 **_l1_kwargs(l1, l1_mode))
 
 
 def rmsprop_options(*, alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
                     maximize: bool, l1: float = 0.0, l1_mode: str = "subgradient") -> dict:
-    return dict(alpha=float(alpha), eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum),
-                centered=centered, maximize=maximize, **_l1_kwargs(l1, l1_mode))
+    return dict(alpha=float(alpha), eps=float(eps), momentum=float(momentum), centered=centered, maximize=maximize,
+                **_weight_decay_kwargs(weight_decay), **_l1_kwargs(l1, l1_mode))
 
 
 def sgd_options(*, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
                 l1: float = 0.0, l1_mode: str = "subgradient", first_step: bool = False) -> dict:
-    return dict(weight_decay=float(weight_decay), momentum=float(momentum), dampening=float(dampening),
-                nesterov=nesterov, maximize=maximize, first_step=first_step, **_l1_kwargs(l1, l1_mode))
+    return dict(momentum=float(momentum), dampening=float(dampening), nesterov=nesterov, maximize=maximize,
+                first_step=first_step, **_weight_decay_kwargs(weight_decay), **_l1_kwargs(l1, l1_mode))
 
 
 OPTIONS = {"adam": adam_options, "rmsprop": rmsprop_options, "sgd": sgd_options}
+
+
+def _placed(t: Tensor, device: torch.device) -> Tensor:
+    """A scalar tensor where the kernel can read it: on the params' device, or on the host."""
+    return t.to(device) if t.device != device and t.device.type != "cpu" else t
 
 
 def lr_kwargs(lr, device: torch.device) -> dict:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if lr.device != device and lr.device.type != "cpu":
-            lr = lr.to(device)
-        return {"lr": 0.0, "lr_tensor": lr}
+        return {"lr": 0.0, "lr_tensor": _placed(lr, device)}
     return {"lr": float(lr)}
+
+
+def _weight_decay_kwargs(weight_decay) -> dict:
+    """A Tensor weight decay (like a Tensor lr) is read by the kernel where it runs, at every step:
+    a CUDA graph replays with its current value, and changing it in place needs no recompilation."""
+    if isinstance(weight_decay, Tensor):
+        if weight_decay.numel() != 1:
+            raise ValueError("Tensor weight_decay must be 1-element")
+        return {"weight_decay": 0.0, "weight_decay_tensor": weight_decay}
+    return {"weight_decay": float(weight_decay)}
+
+
+def _scalar_kwargs(kwargs: dict, lr, device: torch.device) -> dict:
+    """The op's keyword arguments for params on `device`: options, lr, weight decay tensor."""
+    out = dict(kwargs, **lr_kwargs(lr, device))
+    if out.get("weight_decay_tensor") is not None:
+        out["weight_decay_tensor"] = _placed(out["weight_decay_tensor"], device)
+    return out
 
 
 def _l1_kwargs(l1: float, l1_mode: str) -> dict:
@@ -183,14 +204,14 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
         call = list(lists)
         call[master_at] = _master_list(masters)
         try:
-            kernel(*call, **kwargs, **lr_kwargs(lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
+            kernel(*call, **_scalar_kwargs(kwargs, lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
             return
         except RuntimeError:
             pass
     for (device, dtype), indices in _groups(params).items():
         kernel = dispatch.select(backend, device, dtype).kernel(family)
         group = _Group(lists, mutable, indices, dtype, master_at)
-        kernel(*group.lists, **kwargs, **lr_kwargs(lr, device), grad_scale=grad_scale, found_inf=found_inf)
+        kernel(*group.lists, **_scalar_kwargs(kwargs, lr, device), grad_scale=grad_scale, found_inf=found_inf)
         group.finish()
 
 

@@ -6,6 +6,8 @@ these schemas (csrc/cpu/ops_cpu.cpp for CPU, csrc/cuda/ops_cuda.cu for CUDA); im
 what `load_extensions` does. Each op checks its inputs, advances the step counters it owns, and
 updates params and state in one pass; `found_inf` set means nothing is touched.
 
+`lr_tensor` / `weight_decay_tensor`, when given, replace `lr` / `weight_decay` and are read where
+the kernel runs (a CUDA graph replays with their current values).
 `master_params` is empty, or holds a float32 master copy of each (16-bit) param: the update
 then runs on the master (states float32 too) and the param gets the master's value rounded.
 """
@@ -16,7 +18,8 @@ import importlib
 
 import torch
 
-_SCALARS = "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None"
+_SCALARS = ("Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+            "Tensor? weight_decay_tensor=None")
 
 SCHEMAS = {
     "adam_": (

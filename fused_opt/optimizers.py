@@ -54,6 +54,13 @@ def _check_lr(lr) -> None:
     _check_range("learning rate", lr)
 
 
+def _check_weight_decay(weight_decay) -> None:
+    """A Tensor weight decay is read by the kernels at every step (see functional.py), like a Tensor lr."""
+    if isinstance(weight_decay, Tensor) and weight_decay.numel() != 1:
+        raise ValueError("Tensor weight_decay must be 1-element")
+    _check_range("weight_decay value", weight_decay)
+
+
 class FusedOptimizer(Optimizer):
     """Shared machinery; subclasses set `family` and implement `_gather(group)` and `_update(...)`."""
 
@@ -231,8 +238,9 @@ class FusedOptimizer(Optimizer):
             self._tables.begin(self.state)
         for group in self.param_groups:
             options = self._options(group)
-            # Groups with master weights take the op path (the tables have no slot for the copies).
-            tabled = fast and not group["master_weights"]
+            # Groups with master weights or a Tensor weight decay take the op path (the tables have no
+            # slot for the copies, and pass the weight decay as a number).
+            tabled = fast and not group["master_weights"] and not isinstance(group["weight_decay"], Tensor)
             if tabled and self._tables.run(self.family, group, options, amp, self._state_keys(group)):
                 continue
             params, grads = gathered[id(group)] if gathered else self._grads_of(group)
@@ -265,7 +273,7 @@ class Adam(FusedOptimizer):
     family = "adam"
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 weight_decay: float | Tensor = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, l1: float = 0.0,
                  l1_mode: str = "subgradient", backend: str = "auto", skip_nonfinite: bool = False,
@@ -274,7 +282,7 @@ class Adam(FusedOptimizer):
         _check_range("epsilon value", eps)
         _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
         _check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
-        _check_range("weight_decay value", weight_decay)
+        _check_weight_decay(weight_decay)
         betas = tuple(float(b) for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -320,7 +328,7 @@ class AdamW(Adam):
     """torch.optim.AdamW (Adam with decoupled weight decay, default 1e-2), fused, with optional L1."""
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 weight_decay: float | Tensor = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, l1: float = 0.0, l1_mode: str = "subgradient",
                  backend: str = "auto", skip_nonfinite: bool = False, master_weights: bool = False) -> None:
@@ -341,14 +349,14 @@ class RMSprop(FusedOptimizer):
     family = "rmsprop"
 
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
+                 weight_decay: float | Tensor = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
                  l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto",
                  skip_nonfinite: bool = False, master_weights: bool = False) -> None:
         _check_lr(lr)
         _check_range("epsilon value", eps)
         _check_range("momentum value", momentum)
-        _check_range("weight_decay value", weight_decay)
+        _check_weight_decay(weight_decay)
         _check_range("alpha value", alpha)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
@@ -402,7 +410,7 @@ class SGD(FusedOptimizer):
                  skip_nonfinite: bool = False, master_weights: bool = False) -> None:
         _check_lr(lr)
         _check_range("momentum value", momentum)
-        _check_range("weight_decay value", weight_decay)
+        _check_weight_decay(weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,

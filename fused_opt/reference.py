@@ -3,8 +3,8 @@
 The readable oracle for the tests and the last-resort backend. Same signatures as the ops in
 ops.py; one tensor at a time, math in float32 (float64 for float64 params), 16-bit tensors
 rounded once on store; with master_params, on the float32 master copy. Written for clarity, not
-speed, and without host syncs or data-dependent branches (lr, grad_scale, found_inf and the step
-counters may be tensors), so that torch.compile can trace it whole.
+speed, and without host syncs or data-dependent branches (lr, weight decay, grad_scale, found_inf
+and the step counters may be tensors), so that torch.compile can trace it whole.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ def _opmath(t: Tensor) -> Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
-def _scalars(lr, lr_tensor, grad_scale):
-    """-> (lr, 1/grad_scale): floats, or float64 0-d tensors when given as tensors."""
+def _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor):
+    """-> (lr, 1/grad_scale, weight_decay): floats, or float64 0-d tensors when given as tensors."""
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("weight_decay_tensor", weight_decay_tensor)):
+        if t is not None and t.numel() != 1:
+            raise RuntimeError(f"fused_opt (reference): {name} must be a one-element tensor")
     lr = lr_tensor.double() if lr_tensor is not None else lr
     inv_scale = 1.0 / grad_scale.double() if grad_scale is not None else 1.0
-    return lr, inv_scale
+    weight_decay = weight_decay_tensor.double().reshape(()) if weight_decay_tensor is not None else weight_decay
+    return lr, inv_scale, weight_decay
 
 
 def _commit(dst: Tensor, new: Tensor, skip: Tensor | None) -> None:
@@ -58,11 +62,17 @@ def prepare_grad(p, g, *, lr, inv_scale, maximize, weight_decay, decoupled, l1, 
         g = -g
     if not (isinstance(inv_scale, float) and inv_scale == 1.0):
         g = g * inv_scale
-    if weight_decay != 0 and not decoupled:
+    if isinstance(weight_decay, Tensor):  # read where it lives, no sync: zero leaves p and g alone
+        on = weight_decay != 0  # coefficients rounded to the math type first, as the kernels do
+        if decoupled:
+            p = torch.where(on, p * (1.0 - lr * weight_decay).to(p.dtype), p)
+        else:
+            g = torch.where(on, g + weight_decay.to(g.dtype) * p, g)
+    elif weight_decay != 0 and not decoupled:
         g = g + weight_decay * p
     if l1 != 0 and not l1_proximal:
         g = g + l1 * torch.sign(p)
-    if weight_decay != 0 and decoupled:
+    if not isinstance(weight_decay, Tensor) and weight_decay != 0 and decoupled:
         p = p * (1.0 - lr * weight_decay)
     return p, g
 
@@ -77,8 +87,8 @@ def finish_param(p, *, lr, l1, l1_proximal):
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *, lr, beta1, beta2,
           weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, l1, l1_proximal,
-          lr_tensor=None, grad_scale=None, found_inf=None) -> None:
-    lr, inv_scale = _scalars(lr, lr_tensor, grad_scale)
+          lr_tensor=None, grad_scale=None, found_inf=None, weight_decay_tensor=None) -> None:
+    lr, inv_scale, weight_decay = _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
         step = _advance(state_steps[i], skip)
@@ -104,8 +114,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, 
 
 def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, state_steps, *, lr, alpha, eps,
              weight_decay, momentum, centered, maximize, l1, l1_proximal,
-             lr_tensor=None, grad_scale=None, found_inf=None) -> None:
-    lr, inv_scale = _scalars(lr, lr_tensor, grad_scale)
+             lr_tensor=None, grad_scale=None, found_inf=None, weight_decay_tensor=None) -> None:
+    lr, inv_scale, weight_decay = _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
         _advance(state_steps[i], skip)
@@ -132,8 +142,8 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_par
 
 
 def sgd_(params, grads, momentum_buffers, master_params, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-         first_step, l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
-    lr, inv_scale = _scalars(lr, lr_tensor, grad_scale)
+         first_step, l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None, weight_decay_tensor=None) -> None:
+    lr, inv_scale, weight_decay = _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
         p, g = prepare_grad(_weights(param, master_params, i), _opmath(grads[i]), lr=lr, inv_scale=inv_scale,

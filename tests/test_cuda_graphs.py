@@ -1,6 +1,7 @@
 """capturable=True on the CUDA backend: a whole training step (forward, backward, opt.step())
-captured in a CUDA graph and replayed while an LR scheduler changes a device-tensor lr ends
-where the same steps run eagerly end (GPU only; torch's recipe: warm up on a side stream, then
+captured in a CUDA graph and replayed while an LR scheduler changes a device-tensor lr (and, in
+one config, a schedule halves a device-tensor weight decay in place) ends where the same steps run
+eagerly end (GPU only; torch's recipe: warm up on a side stream, then
 capture with the grads set to None, so that backward writes them into the graph's memory)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 WARMUP, STEPS = 3, 12
 CONFIGS = {
     "adamw": (fused_opt.AdamW, {"capturable": True}),
+    "adamw-weight-decay-tensor": (fused_opt.AdamW, {"capturable": True, "weight_decay": "tensor"}),
     "adam-amsgrad-l1": (fused_opt.Adam, {"capturable": True, "amsgrad": True, "l1": 1e-3, "weight_decay": 0.01}),
     "rmsprop-centered-momentum": (fused_opt.RMSprop, {"capturable": True, "centered": True, "momentum": 0.9}),
     "sgd-nesterov": (fused_opt.SGD, {"momentum": 0.9, "nesterov": True}),  # no step counter to capture
@@ -24,9 +26,18 @@ CONFIGS = {
 
 
 def _setup(model, opt_cls, kwargs):
+    if kwargs.get("weight_decay") == "tensor":
+        kwargs = {**kwargs, "weight_decay": torch.tensor(0.5, device="cuda")}
     opt = opt_cls(model.parameters(), lr=torch.tensor(0.01, device="cuda"), backend="cuda", **kwargs)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
     return opt, sched
+
+
+def _schedule(opt, sched):
+    sched.step()  # fills the lr tensor in place: the next replay reads the new value
+    wd = opt.param_groups[0]["weight_decay"]
+    if isinstance(wd, torch.Tensor):
+        wd.mul_(0.5)  # so does a weight decay schedule
 
 
 def _train_step(model, opt, x, y):
@@ -51,7 +62,7 @@ def test_graph_replay_matches_eager(config):
             static_x.copy_(x), static_y.copy_(y)
             opt.zero_grad(set_to_none=True)
             _train_step(model, opt, static_x, static_y)
-            sched.step()
+            _schedule(opt, sched)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
@@ -60,16 +71,18 @@ def test_graph_replay_matches_eager(config):
     for x, y in data[WARMUP:]:
         static_x.copy_(x), static_y.copy_(y)
         graph.replay()
-        sched.step()  # fills the lr tensor in place: the next replay reads the new value
+        _schedule(opt, sched)
 
     twin_opt, twin_sched = _setup(twin, opt_cls, kwargs)
     for x, y in data:
         twin_opt.zero_grad(set_to_none=True)
         _train_step(twin, twin_opt, x, y)
-        twin_sched.step()
+        _schedule(twin_opt, twin_sched)
 
     torch.cuda.synchronize()
     assert opt.param_groups[0]["lr"].item() == pytest.approx(0.01 * 0.9**STEPS)
+    if kwargs.get("weight_decay") == "tensor":
+        assert opt.param_groups[0]["weight_decay"].item() == 0.5**(STEPS + 1)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         for key, value in twin_opt.state[q].items():

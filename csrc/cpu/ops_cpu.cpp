@@ -54,22 +54,29 @@ void check_device(const char* op, at::TensorList params, at::TensorList steps = 
   }
 }
 
-void check_scalars(const char* op, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
+void check_scalars(const char* op, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf,
+                   const OptTensor& weight_decay_tensor) {
   check_scalar_tensor(op, "lr_tensor", lr_tensor);
   check_scalar_tensor(op, "grad_scale", grad_scale);
   check_scalar_tensor(op, "found_inf", found_inf);
+  check_scalar_tensor(op, "weight_decay_tensor", weight_decay_tensor);
 }
+
+// A hyperparameter given as a tensor: its value now (the CPU kernels run on the host anyway).
+double value_of(double value, const OptTensor& tensor) { return tensor ? tensor->item<double>() : value; }
 
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
               at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList state_steps, double lr,
               double beta1, double beta2, double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, double l1,
-              bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
+              bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf,
+              const OptTensor& weight_decay_tensor) {
   const char* op = "fused_opt::adam_";
   check_group(op, params, grads,
               {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
               {"state_steps", state_steps, true}, master_params);
   check_device(op, params, state_steps);
-  check_scalars(op, lr_tensor, grad_scale, found_inf);
+  check_scalars(op, lr_tensor, grad_scale, found_inf, weight_decay_tensor);
+  weight_decay = value_of(weight_decay, weight_decay_tensor);
   auto launch = make_launch(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, master_params, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
   const std::vector<double> steps = advance_steps(state_steps);
@@ -82,14 +89,16 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                  at::TensorList momentum_buffers, at::TensorList master_params, at::TensorList state_steps, double lr,
                  double alpha, double eps,
                  double weight_decay, double momentum, bool centered, bool maximize, double l1, bool l1_proximal,
-                 const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
+                 const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf,
+              const OptTensor& weight_decay_tensor) {
   const char* op = "fused_opt::rmsprop_";
   check_group(op, params, grads,
               {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
                {"momentum_buffers", momentum_buffers, momentum > 0.0}},
               {"state_steps", state_steps, true}, master_params);
   check_device(op, params, state_steps);
-  check_scalars(op, lr_tensor, grad_scale, found_inf);
+  check_scalars(op, lr_tensor, grad_scale, found_inf, weight_decay_tensor);
+  weight_decay = value_of(weight_decay, weight_decay_tensor);
   auto launch = make_launch(params, grads, {square_avgs, grad_avgs, momentum_buffers}, master_params, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
   advance_steps(state_steps);
@@ -101,12 +110,13 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              double lr,
              double weight_decay, double momentum, double dampening, bool nesterov, bool maximize, bool first_step,
              double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-             const OptTensor& found_inf) {
+             const OptTensor& found_inf, const OptTensor& weight_decay_tensor) {
   const char* op = "fused_opt::sgd_";
   check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}}, {"state_steps", {}, false},
               master_params);
   check_device(op, params);
-  check_scalars(op, lr_tensor, grad_scale, found_inf);
+  check_scalars(op, lr_tensor, grad_scale, found_inf, weight_decay_tensor);
+  weight_decay = value_of(weight_decay, weight_decay_tensor);
   auto launch = make_launch(params, grads, {momentum_buffers}, master_params, lr, lr_tensor, grad_scale, found_inf);
   if (!launch) return;
   const SGDOptions o{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}};

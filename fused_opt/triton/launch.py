@@ -168,9 +168,10 @@ def _check_scalar(op: str, name: str, t: Tensor | None) -> None:
 # ---------------------------------------------------------------- scalars
 
 def _coefficients(device: torch.device, opmath: torch.dtype, lr, grad_scale: Tensor | None, options: dict,
-                  family_terms: list[tuple[float, float]]) -> Tensor:
-    """`coef` of kernels.py. Every entry is a + lr * b (grad_mul also / grad_scale), computed in
-    float64 -- on the device when lr is a device tensor, so nothing syncs -- then rounded."""
+                  family_terms: list[tuple[float, float]], weight_decay: Tensor | None = None) -> Tensor:
+    """`coef` of kernels.py. Every entry is a + lr * b (grad_mul also / grad_scale; the weight decay
+    terms from `weight_decay` when it is a tensor), computed in float64 -- on the device when lr or
+    weight_decay is a device tensor, so nothing syncs -- then rounded."""
     a = [-1.0 if options["maximize"] else 1.0, options["weight_decay"], 1.0, options["l1"], 0.0]
     b = [0.0, 0.0, -options["weight_decay"], 0.0, options["l1"]]
     a += [x for x, _ in family_terms]
@@ -179,6 +180,10 @@ def _coefficients(device: torch.device, opmath: torch.dtype, lr, grad_scale: Ten
     coef = torch.tensor(a, dtype=torch.float64, device=where) + _lr64(lr, where) * torch.tensor(
         b, dtype=torch.float64, device=where)
     coef = coef.to(device)
+    if weight_decay is not None:
+        wd = weight_decay.to(device, torch.float64).reshape(())
+        coef[kernels.WEIGHT_DECAY.value] = wd
+        coef[kernels.DECAY.value] = 1.0 - _lr64(lr, device) * wd
     if grad_scale is not None:
         coef[kernels.GRAD_MUL.value] = coef[kernels.GRAD_MUL.value] / grad_scale.to(device, torch.float64).reshape(())
     return coef.to(opmath)
@@ -190,10 +195,11 @@ def _lr64(lr, device: torch.device) -> Tensor | float:
     return float(lr)
 
 
-def _flags(o: dict, grad_scale) -> dict:
+def _flags(o: dict, grad_scale, weight_decay: Tensor | None = None) -> dict:
     decoupled = o.get("decoupled_weight_decay", False)
-    return dict(SCALE_GRAD=o["maximize"] or grad_scale is not None, COUPLED_L2=o["weight_decay"] != 0 and not decoupled,
-                DECOUPLED_L2=o["weight_decay"] != 0 and decoupled, L1_SUBGRADIENT=o["l1"] != 0 and not o["l1_proximal"],
+    l2 = weight_decay is not None or o["weight_decay"] != 0  # a tensor's value is not looked at (no sync)
+    return dict(SCALE_GRAD=o["maximize"] or grad_scale is not None, COUPLED_L2=l2 and not decoupled,
+                DECOUPLED_L2=l2 and decoupled, L1_SUBGRADIENT=o["l1"] != 0 and not o["l1_proximal"],
                 L1_PROXIMAL=o["l1"] != 0 and o["l1_proximal"])
 
 
@@ -229,7 +235,8 @@ def _spec(family: str, o: dict) -> tuple[list, dict]:
 
 def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
             steps: list[Tensor], lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
-            found_inf: Tensor | None, options: dict, advance_host_steps=None) -> None:
+            found_inf: Tensor | None, options: dict, advance_host_steps=None,
+            weight_decay_tensor: Tensor | None = None) -> None:
     """One checked step over a plan: step counters, scalars, this step's grads (their addresses,
     int64 on the CPU), one launch. Also the entry of the cached group tables (tables.py), which
     pass `advance_host_steps`: it advances counters kept on the CPU in one call and returns their
@@ -245,7 +252,7 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     lr = lr_tensor if lr_tensor is not None else lr
     terms, flags = _spec(family, options)
-    coef = _coefficients(device, opmath, lr, grad_scale, options, terms)
+    coef = _coefficients(device, opmath, lr, grad_scale, options, terms, weight_decay_tensor)
     per_tensor = coef
     if family == "adam":
         values = _step_values(steps, device) if values is None else values
@@ -262,14 +269,16 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
         per_tensor, len(grad_ptrs), BLOCK_FN=kernels.BLOCKS[family], DTYPE=_TL_DTYPES[dtype],
         STATE=tl.float32 if plan.master else _TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], MASTER=plan.master,
         BLOCK=plan.block, ALIGNED=aligned, HAS_FOUND_INF=found_here,
-        **_flags(options, grad_scale), F1=family_flags[0], F2=family_flags[1], F3=family_flags[2],
+        **_flags(options, grad_scale, weight_decay_tensor), F1=family_flags[0], F2=family_flags[1], F3=family_flags[2],
         num_warps=NUM_WARPS)
 
 
 def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states: list[tuple[str, list, bool]],
         masters: list[Tensor], steps: tuple[str, list, bool], lr: float, lr_tensor, grad_scale, found_inf,
         options: dict) -> None:
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+    weight_decay_tensor = options.pop("weight_decay_tensor", None)
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf),
+                    ("weight_decay_tensor", weight_decay_tensor)):
         _check_scalar(op, name, t)
     table, numels = _pack(op, params, grads, states, masters, steps)
     if not params:
@@ -278,7 +287,7 @@ def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(f"{op}: the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
     execute(family, plan(table, numels, device), table[1], device, params[0].dtype, steps[1] if steps[2] else [],
-            lr, lr_tensor, grad_scale, found_inf, options)
+            lr, lr_tensor, grad_scale, found_inf, options, weight_decay_tensor=weight_decay_tensor)
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *, lr, lr_tensor=None,

@@ -25,10 +25,12 @@ struct ScalarTensors {
   Scalars s{};
   std::vector<at::Tensor> keep;
   bool skip = false;  // found_inf known on the host and set
+  std::optional<double> weight_decay_host;  // a weight decay tensor kept on the host
 };
 
 inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                           const OptTensor& found_inf, const at::Device& device) {
+                                  const OptTensor& found_inf, const OptTensor& weight_decay_tensor,
+                                  const at::Device& device) {
   ScalarTensors out;
   out.s.lr = lr;
   out.s.inv_scale_host = 1.0;
@@ -37,8 +39,11 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
     out.keep.push_back(f);
     return f.data_ptr<float>();
   };
+  // lr and weight decay on the host for a GPU launch: read once here. Otherwise the kernels read
+  // them through pointers (so the CPU simulation runs the device path too).
+  const auto on_host = [&](const at::Tensor& t) { return t.device().is_cpu() && !device.is_cpu(); };
   if (lr_tensor) {
-    if (lr_tensor->device().is_cpu()) out.s.lr = lr_tensor->item<double>();
+    if (on_host(*lr_tensor)) out.s.lr = lr_tensor->item<double>();
     else out.s.lr_dev = on_device(*lr_tensor);
   }
   if (grad_scale) {
@@ -48,6 +53,10 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
   if (found_inf) {
     if (found_inf->device().is_cpu()) out.skip = found_inf->item<double>() != 0.0;
     else out.s.found_inf = on_device(*found_inf);
+  }
+  if (weight_decay_tensor) {
+    if (on_host(*weight_decay_tensor)) out.weight_decay_host = weight_decay_tensor->item<double>();
+    else out.s.weight_decay_dev = on_device(*weight_decay_tensor);
   }
   return out;
 }
@@ -132,14 +141,19 @@ void run(at::TensorList params, at::TensorList grads, std::initializer_list<at::
 template <typename Runner, typename Family>
 void update(const char* op, at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
             at::TensorList masters, at::TensorList state_steps, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-            const OptTensor& found_inf, const Family& family) {
+            const OptTensor& found_inf, const OptTensor& weight_decay_tensor, const Family& family) {
+  check_scalar_tensor(op, "lr_tensor", lr_tensor);
+  check_scalar_tensor(op, "grad_scale", grad_scale);
+  check_scalar_tensor(op, "found_inf", found_inf);
+  check_scalar_tensor(op, "weight_decay_tensor", weight_decay_tensor);
   if (params.empty()) return;
   const at::Device device = Runner::check_device(op, params);
   typename Runner::Guard guard(device);
-  const ScalarTensors sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, device);
+  const ScalarTensors sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, weight_decay_tensor, device);
   if (sc.skip) return;
   const Steps steps = advance_steps(state_steps, device, sc, found_inf);
-  run<Runner>(params, grads, states, masters, steps, sc, family);
+  run<Runner>(params, grads, states, masters, steps, sc,
+              sc.weight_decay_host ? with_weight_decay(family, *sc.weight_decay_host) : family);
 }
 
 template <typename Runner>
@@ -149,7 +163,7 @@ struct Ops {
                    double beta1, double beta2,
                    double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                    double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                   const OptTensor& found_inf) {
+                   const OptTensor& found_inf, const OptTensor& weight_decay_tensor) {
     const char* op = "fused_opt::adam_";
     check_group(op, params, grads,
                 {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
@@ -157,7 +171,7 @@ struct Ops {
                 {"state_steps", state_steps, true}, master_params);
     const AdamFamily family{{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}}};
     update<Runner>(op, params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, master_params, state_steps, lr, lr_tensor, grad_scale,
-                   found_inf, family);
+                   found_inf, weight_decay_tensor, family);
   }
 
   static void rmsprop(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
@@ -165,7 +179,7 @@ struct Ops {
                       at::TensorList state_steps, double lr,
                       double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
                       double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                      const OptTensor& found_inf) {
+                      const OptTensor& found_inf, const OptTensor& weight_decay_tensor) {
     const char* op = "fused_opt::rmsprop_";
     check_group(op, params, grads,
                 {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
@@ -173,19 +187,20 @@ struct Ops {
                 {"state_steps", state_steps, true}, master_params);
     const RMSpropFamily family{{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}}};
     update<Runner>(op, params, grads, {square_avgs, grad_avgs, momentum_buffers}, master_params, state_steps, lr, lr_tensor,
-                   grad_scale, found_inf, family);
+                   grad_scale, found_inf, weight_decay_tensor, family);
   }
 
   static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   at::TensorList master_params, double lr,
                   double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
                   bool first_step, double l1, bool l1_proximal, const OptTensor& lr_tensor,
-                  const OptTensor& grad_scale, const OptTensor& found_inf) {
+                  const OptTensor& grad_scale, const OptTensor& found_inf, const OptTensor& weight_decay_tensor) {
     const char* op = "fused_opt::sgd_";
     check_group(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0.0}},
                 {"state_steps", {}, false}, master_params);
     const SGDFamily family{{momentum, dampening, nesterov, first_step, {maximize, weight_decay, false, l1, l1_proximal}}};
-    update<Runner>(op, params, grads, {momentum_buffers}, master_params, {}, lr, lr_tensor, grad_scale, found_inf, family);
+    update<Runner>(op, params, grads, {momentum_buffers}, master_params, {}, lr, lr_tensor, grad_scale, found_inf,
+                   weight_decay_tensor, family);
   }
 };
 
@@ -218,7 +233,7 @@ void table_update(const TableArgs& a, const Family& family) {
               "fused_opt: malformed pointer table");
   if (n == 0) return;
   typename Runner::Guard guard(a.device);
-  const ScalarTensors sc = make_scalars(a.lr, a.lr_tensor, a.grad_scale, a.found_inf, a.device);
+  const ScalarTensors sc = make_scalars(a.lr, a.lr_tensor, a.grad_scale, a.found_inf, std::nullopt, a.device);
   if (sc.skip) return;
   const Steps steps = advance_steps(a.steps, a.device, sc, a.found_inf);
   struct Describe {

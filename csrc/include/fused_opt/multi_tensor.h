@@ -30,16 +30,24 @@ struct Meta {
   int32_t block_chunk[kMaxBlocks];
 };
 
-// Per-launch scalars: lr / grad_scale / found_inf may be device tensors (AMP, CUDA graphs).
+// Per-launch scalars: lr / weight decay / grad_scale / found_inf may be device tensors (AMP, CUDA graphs).
 struct Scalars {
   double lr;
   const float* lr_dev;       // overrides lr when set
   const float* grad_scale;   // grads are divided by it when set
   const float* found_inf;    // the whole update is skipped when set and non-zero
   double inv_scale_host;     // 1 / grad_scale when the scale is known on the host
+  const float* weight_decay_dev;  // overrides the family's weight decay when set
 };
 // A kernel's arguments (Meta, Scalars, the family's options: under 128 bytes) must fit in 4 KB.
 static_assert(sizeof(Meta) + sizeof(Scalars) + 128 <= 4096, "launch metadata over the kernel argument limit");
+
+// A family's options with another weight decay (read from a tensor at run time).
+template <typename Family>
+FO_HD Family with_weight_decay(Family family, double weight_decay) {
+  family.o.grad.weight_decay = weight_decay;
+  return family;
+}
 
 // W elements of one slot, moved by 16-byte vector loads/stores (two for float32 slots in a
 // 16-bit loop).
@@ -84,7 +92,8 @@ FO_HD void process_block(const Meta& meta, const Scalars& s, const Family& famil
   const double lr = s.lr_dev ? double(*s.lr_dev) : s.lr;
   const double inv_scale = s.grad_scale ? 1.0 / double(*s.grad_scale) : s.inv_scale_host;
   const double step = meta.step_dev[t] ? double(*meta.step_dev[t]) : meta.step_host[t];
-  const auto coeffs = family.template coeffs<S>(lr, step, inv_scale);
+  const auto coeffs = (s.weight_decay_dev ? with_weight_decay(family, double(*s.weight_decay_dev)) : family)
+                          .template coeffs<S>(lr, step, inv_scale);
 
   void* ptr[kSlots];
   bool aligned = len % W == 0;
