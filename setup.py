@@ -1,5 +1,6 @@
-"""Builds fused_opt's C++ kernels: fused_opt._C (CPU, always) and fused_opt._C_cuda (CUDA, when
-nvcc and a CUDA build of torch are present; FUSED_OPT_CUDA=0|1 forces the choice). Build with
+"""Builds fused_opt's C++ kernels: fused_opt._C (CPU; FUSED_OPT_CPU=0 leaves it out) and
+fused_opt._C_cuda (CUDA, when nvcc and a CUDA build of torch are present; FUSED_OPT_CUDA=0|1 forces
+the choice). Build with
 `pip install --no-build-isolation .` so the extension links against the torch you run."""
 
 import glob
@@ -40,10 +41,12 @@ def sources(*patterns) -> list:
     return sorted(os.path.relpath(f, ROOT) for p in patterns for f in glob.glob(os.path.join(ROOT, "csrc", p)))
 
 
-ext_modules = [
-    cpp_extension.CppExtension(
-        "fused_opt._C", sources("cpu/*.cpp"), include_dirs=include_dirs(), extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]),
-]
+ext_modules = []
+# FUSED_OPT_CPU=0 leaves the CPU module out: bench/gpu_check.sh builds the two modules side by side.
+if os.environ.get("FUSED_OPT_CPU", "1") == "1":
+    ext_modules.append(cpp_extension.CppExtension(
+        "fused_opt._C", sources("cpu/*.cpp"), include_dirs=include_dirs(), extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"]))
 if want_cuda():
     ext_modules.append(cpp_extension.CUDAExtension(
         "fused_opt._C_cuda", sources("module.cpp", "cuda/*.cu"), include_dirs=include_dirs(),

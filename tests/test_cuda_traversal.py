@@ -71,3 +71,18 @@ def test_simulated_cuda_traversal_with_master_weights(layout, offset):
             torch.testing.assert_close(sim_opt.state[a][key], cpu_opt.state[b][key], rtol=1e-6, atol=1e-7,
                                        msg=lambda m: f"param {i} {key}: {m}")
         assert torch.equal(a, sim_opt.state[a]["master_param"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("config", range(4))
+def test_the_sanitizer_workload_agrees_with_the_reference_on_cuda_sim(config):
+    # bench/sanitize_cuda.py, which gpu_check.sh runs under compute-sanitizer, on the CPU
+    # simulation of the same traversal (float32: its agreement limit there is 1e-5).
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "bench" / "sanitize_cuda.py"
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
+    workload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(workload)
+    opt_cls, kwargs = workload.CONFIGS[config]
+    assert workload.run("cuda_sim", opt_cls, kwargs, torch.float32, False, "cpu") <= 1e-5
