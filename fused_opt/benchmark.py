@@ -199,10 +199,10 @@ def machine(device: str) -> dict:
 
 def plan(device="cpu", quick=False, lists=None, algorithms=None, dtypes=("fp32",),
          regularisations=tuple(REGULARISATION), backends=None) -> list[tuple[str, str, Provider]]:
-    """The (list, dtype, provider) runs of one benchmark, in order."""
+    """The (list, dtype, provider) runs of one benchmark, in order (the order of `lists` when given)."""
     runs = []
-    for list_name, (devices, _) in PARAM_LISTS.items():
-        if device not in devices or (lists and list_name not in lists):
+    for list_name in lists or PARAM_LISTS:
+        if device not in PARAM_LISTS[list_name][0]:
             continue
         for dtype in dtypes:
             runs += [(list_name, dtype, prov) for prov in providers(device, algorithms, regularisations, backends)]
@@ -210,8 +210,11 @@ def plan(device="cpu", quick=False, lists=None, algorithms=None, dtypes=("fp32",
 
 
 def run(device="cpu", quick=False, reps=None, lists=None, algorithms=None, dtypes=("fp32",),
-        regularisations=tuple(REGULARISATION), backends=None, progress: Callable | None = None) -> dict:
-    """Runs the matrix; returns {"machine", "device", "quick", "reps", "results": [row, ...]}."""
+        regularisations=tuple(REGULARISATION), backends=None, progress: Callable | None = None,
+        partial: Callable[[dict], None] | None = None) -> dict:
+    """Runs the matrix; returns {"machine", "device", "quick", "reps", "results": [row, ...]}.
+    `partial`, if given, gets the report so far after each row (so that a run stopped by a time
+    limit still leaves what it measured)."""
     reps = reps or (5 if quick else 9)
     runs = plan(device, quick, lists, algorithms, dtypes, regularisations, backends)
     results, ceilings, current = [], {}, (None, None)
@@ -248,8 +251,15 @@ def run(device="cpu", quick=False, reps=None, lists=None, algorithms=None, dtype
                         "ms_max": 1e3 * hi, "bytes_per_param": bytes_per_param, "gbps": gbps,
                         "ceiling_gbps": ceilings[list_name] / 1e9, "fraction_of_ceiling": gbps * 1e9 / ceilings[list_name],
                         "extra_peak_mb": extra / 2**20})
-    add_ratios(results)
-    return {"machine": machine(device), "device": device, "quick": quick, "reps": reps, "results": results}
+        if partial:
+            partial(_report(device, quick, reps, results))
+    return _report(device, quick, reps, results)
+
+
+def _report(device: str, quick: bool, reps: int, results: list[dict]) -> dict:
+    rows = [dict(r) for r in results]
+    add_ratios(rows)
+    return {"machine": machine(device), "device": device, "quick": quick, "reps": reps, "results": rows}
 
 
 def add_ratios(results: list[dict]) -> None:

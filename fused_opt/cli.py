@@ -19,10 +19,13 @@ def _bench(args) -> int:
             bar.set_description(f"{item[0]} {item[1]} {item[2].algorithm} {item[2].name}")
             yield item
 
+    def partial(report):  # the table so far, on disk after every row (a time limit loses only the rest)
+        benchmark.save(report, args.out, args.tag, with_chart=False)
+
     report = benchmark.run(device=args.device, quick=args.quick, reps=args.reps, lists=args.lists,
                            algorithms=args.algorithms, dtypes=tuple(args.dtypes),
                            regularisations=tuple(args.regularisations), backends=args.backends,
-                           progress=progress)
+                           progress=progress, partial=partial if args.tag else None)
     print(benchmark.markdown(report))
     if args.tag:
         for path in benchmark.save(report, args.out, args.tag, with_chart=not args.no_chart):
@@ -41,7 +44,8 @@ def main(argv=None) -> int:
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     b.add_argument("--quick", action="store_true", help="scaled-down parameter lists: seconds, not minutes")
     b.add_argument("--reps", type=int, default=None, help="timed steps per run (default 9, quick 5)")
-    b.add_argument("--lists", nargs="*", help="gpt2-small gpt-1b 10000x4096 5000x1000")
+    b.add_argument("--lists", nargs="*", choices=("gpt2-small", "gpt-1b", "10000x4096", "5000x1000"),
+                   help="parameter lists, measured in this order (default: all for the device)")
     b.add_argument("--algorithms", nargs="*", help="Adam AdamW RMSprop SGD-momentum")
     b.add_argument("--dtypes", nargs="*", default=["fp32"], choices=("fp32", "bf16"))
     b.add_argument("--backends", nargs="*", help="fused_opt backends to include (default: all usable)")

@@ -37,3 +37,26 @@ def test_quick_benchmark_figures_are_consistent(tmp_path):
     assert json.load(open(paths[0]))["results"] == rows
     assert open(paths[1]).read().count("\n| 5000x1000 |") == len(rows)
     assert open(paths[2], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cli_keeps_the_table_on_disk_after_every_row(tmp_path, monkeypatch):
+    # A run stopped by a time limit (gpu_check.sh) must leave what it measured: the JSON and the
+    # markdown are rewritten after each row, in the order of --lists.
+    from fused_opt import cli
+
+    seen = []
+    real_save = benchmark.save
+
+    def save(report, folder, tag, with_chart=True):
+        paths = real_save(report, folder, tag, with_chart=False)
+        seen.append([(r["params"], r["provider"]) for r in json.load(open(paths[0]))["results"]])
+        return paths
+
+    monkeypatch.setattr(benchmark, "save", save)
+    assert cli.main(["bench", "--quick", "--reps", "1", "--lists", "5000x1000", "10000x4096", "--algorithms",
+                     "RMSprop", "--regularisations", "none", "--backends", "cpu", "--tag", "t", "--out",
+                     str(tmp_path), "--no-chart"]) == 0
+    rows = seen[-1]
+    assert len(rows) == 2 * 3 and len(seen) == len(rows) + 1  # torch for-loop, foreach, fused_opt cpu; final save
+    assert [s for s in seen[:-1]] == [rows[:k] for k in range(1, len(rows) + 1)]
+    assert [p for p, _ in rows] == ["5000x1000"] * 3 + ["10000x4096"] * 3
