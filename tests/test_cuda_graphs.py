@@ -89,3 +89,21 @@ def test_graph_replay_matches_eager(config):
             torch.testing.assert_close(opt.state[p][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
     if "capturable" in kwargs:
         assert all(opt.state[p]["step"].item() == STEPS for p in model.parameters())
+
+
+def test_the_triton_backend_refuses_capture_and_writes_nothing():
+    p = torch.ones(1000, device="cuda", requires_grad=True)
+    opt = fused_opt.AdamW([p], lr=0.01, backend="triton", capturable=True)
+    p.grad = torch.ones_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()  # warm-up: state created outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert torch.equal(p, before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())

@@ -118,6 +118,17 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         dispatch.clear_cache()
 
 
+def test_a_cuda_graph_capture_is_refused_before_anything_is_written(monkeypatch):
+    # The GPU half (a real capture) is in tests/test_cuda_graphs.py; here the refusal itself.
+    launch = _launch()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: calls.append(1) or True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph.*backend='cuda'"):
+        launch.refuse_capture(torch.device("cuda"))
+    launch.refuse_capture(torch.device("cpu"))  # CPU tensors are never captured: not even asked
+    assert calls == [1]
+
+
 def test_auto_never_picks_the_interpreter_for_cpu_params():
     assert dispatch.select("triton", torch.device("cpu"), torch.float32).name == "triton"
     assert dispatch.select("auto", torch.device("cpu"), torch.float32).name == "cpu"

@@ -233,6 +233,14 @@ def _spec(family: str, o: dict) -> tuple[list, dict]:
         dict(MOMENTUM=o["momentum"] != 0, NESTEROV=o["nesterov"], FIRST_STEP=o["first_step"])
 
 
+def refuse_capture(device: torch.device) -> None:
+    """A step copies its launch tables and scalars from the host, which a CUDA graph cannot replay:
+    refuse during capture, before anything is written (the CUDA backend is capture-safe)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fused_opt: the Triton kernels cannot be captured in a CUDA graph (each step copies its "
+                           "launch tables from the host); use backend='cuda' for capturable=True")
+
+
 def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
             steps: list[Tensor], lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
             found_inf: Tensor | None, options: dict, advance_host_steps=None,
@@ -241,6 +249,7 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     int64 on the CPU), one launch. Also the entry of the cached group tables (tables.py), which
     pass `advance_host_steps`: it advances counters kept on the CPU in one call and returns their
     values (None if they are not all there)."""
+    refuse_capture(device)
     # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
     # no sync; elsewhere (or with counters on the host) it is read here.
     found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in steps)
@@ -284,6 +293,7 @@ def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states:
     if not params:
         return
     device = params[0].device
+    refuse_capture(device)
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(f"{op}: the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
     execute(family, plan(table, numels, device), table[1], device, params[0].dtype, steps[1] if steps[2] else [],
