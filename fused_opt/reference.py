@@ -28,6 +28,12 @@ def _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor):
     return lr, inv_scale, weight_decay
 
 
+def _coef(x, like: Tensor):
+    """A coefficient in the math type of `like`: a float64 tensor (from a Tensor lr, grad_scale or the
+    step) is rounded first, as the kernels round theirs; otherwise a 0-d param would promote to float64."""
+    return x.to(like.dtype) if isinstance(x, Tensor) else x
+
+
 def _commit(dst: Tensor, new: Tensor, skip: Tensor | None) -> None:
     """dst = new, unless found_inf said to skip the step (then dst keeps its value)."""
     dst.copy_(new if skip is None else torch.where(skip, _opmath(dst), new))
@@ -61,26 +67,26 @@ def prepare_grad(p, g, *, lr, inv_scale, maximize, weight_decay, decoupled, l1, 
     if maximize:
         g = -g
     if not (isinstance(inv_scale, float) and inv_scale == 1.0):
-        g = g * inv_scale
+        g = g * _coef(inv_scale, g)
     if isinstance(weight_decay, Tensor):  # read where it lives, no sync: zero leaves p and g alone
         on = weight_decay != 0  # coefficients rounded to the math type first, as the kernels do
         if decoupled:
-            p = torch.where(on, p * (1.0 - lr * weight_decay).to(p.dtype), p)
+            p = torch.where(on, p * _coef(1.0 - lr * weight_decay, p), p)
         else:
-            g = torch.where(on, g + weight_decay.to(g.dtype) * p, g)
+            g = torch.where(on, g + _coef(weight_decay, g) * p, g)
     elif weight_decay != 0 and not decoupled:
         g = g + weight_decay * p
     if l1 != 0 and not l1_proximal:
         g = g + l1 * torch.sign(p)
     if not isinstance(weight_decay, Tensor) and weight_decay != 0 and decoupled:
-        p = p * (1.0 - lr * weight_decay)
+        p = p * _coef(1.0 - lr * weight_decay, p)
     return p, g
 
 
 def finish_param(p, *, lr, l1, l1_proximal):
     """L1 proximal step (soft threshold by lr * l1), after the update: exact zeros."""
     if l1 != 0 and l1_proximal:
-        t = lr * l1
+        t = _coef(lr * l1, p)
         p = p - p.clamp(-t, t)
     return p
 
@@ -104,8 +110,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, 
             v_used = v
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = v_used.sqrt() / bias_correction2_sqrt + eps
-        p = p + (-step_size) * (m / denom)
+        denom = v_used.sqrt() / _coef(bias_correction2_sqrt, v_used) + eps
+        p = p + _coef(-step_size, p) * (m / denom)
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
         _commit(exp_avgs[i], m, skip)
         _commit(exp_avg_sqs[i], v, skip)
@@ -132,10 +138,10 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_par
         avg = avg + eps
         if momentum > 0:
             buf = _opmath(momentum_buffers[i]) * momentum + g / avg
-            p = p + (-lr) * buf
+            p = p + _coef(-lr, p) * buf
             _commit(momentum_buffers[i], buf, skip)
         else:
-            p = p + (-lr) * (g / avg)
+            p = p + _coef(-lr, p) * (g / avg)
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
         _commit(square_avgs[i], sq, skip)
         _commit_param(param, master_params, i, p, skip)
@@ -153,6 +159,6 @@ def sgd_(params, grads, momentum_buffers, master_params, *, lr, weight_decay, mo
             buf = g if first_step else _opmath(momentum_buffers[i]) * momentum + (1 - dampening) * g
             g = g + momentum * buf if nesterov else buf
             _commit(momentum_buffers[i], buf, skip)
-        p = p + (-lr) * g
+        p = p + _coef(-lr, p) * g
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
         _commit_param(param, master_params, i, p, skip)
