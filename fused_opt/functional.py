@@ -122,20 +122,20 @@ def _check_lengths(family: str, names: Sequence[str], lists: Sequence[Sequence],
 
 # The scalar arguments of each family's op (everything but the lists, lr and the AMP tensors).
 
-def adam_options(*, amsgrad: bool, beta1: float, beta2: float, weight_decay: float, eps: float, maximize: bool,
+def adam_options(*, amsgrad: bool, beta1: float, beta2: float, weight_decay: float | Tensor, eps: float, maximize: bool,
                  decoupled_weight_decay: bool = False, l1: float = 0.0, l1_mode: str = "subgradient") -> dict:
     return dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay, **_weight_decay_kwargs(weight_decay),
                 **_l1_kwargs(l1, l1_mode))
 
 
-def rmsprop_options(*, alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
+def rmsprop_options(*, alpha: float, eps: float, weight_decay: float | Tensor, momentum: float, centered: bool,
                     maximize: bool, l1: float = 0.0, l1_mode: str = "subgradient") -> dict:
     return dict(alpha=float(alpha), eps=float(eps), momentum=float(momentum), centered=centered, maximize=maximize,
                 **_weight_decay_kwargs(weight_decay), **_l1_kwargs(l1, l1_mode))
 
 
-def sgd_options(*, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+def sgd_options(*, weight_decay: float | Tensor, momentum: float, dampening: float, nesterov: bool, maximize: bool,
                 l1: float = 0.0, l1_mode: str = "subgradient", first_step: bool = False) -> dict:
     return dict(momentum=float(momentum), dampening=float(dampening), nesterov=nesterov, maximize=maximize,
                 first_step=first_step, **_weight_decay_kwargs(weight_decay), **_l1_kwargs(l1, l1_mode))
@@ -217,9 +217,9 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
 
 def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
          max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, amsgrad: bool, beta1: float, beta2: float,
-         lr: float | Tensor, weight_decay: float, eps: float, maximize: bool, decoupled_weight_decay: bool = False,
-         l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
-         found_inf: Tensor | None = None, backend: str = "auto",
+         lr: float | Tensor, weight_decay: float | Tensor, eps: float, maximize: bool,
+         decoupled_weight_decay: bool = False, l1: float = 0.0, l1_mode: str = "subgradient",
+         grad_scale: Tensor | None = None, found_inf: Tensor | None = None, backend: str = "auto",
          master_params: list[Tensor | None] | None = None) -> None:
     """Adam/AdamW step on lists of tensors (torch.optim.adam.adam's arguments, plus L1, backend and
     master_params: float32 master copies of 16-bit params, None for a param without one)."""
@@ -234,7 +234,7 @@ def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
 
 def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
             momentum_buffer_list: list[Tensor], state_steps: list[Tensor], *, lr: float | Tensor, alpha: float,
-            eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool, l1: float = 0.0,
+            eps: float, weight_decay: float | Tensor, momentum: float, centered: bool, maximize: bool, l1: float = 0.0,
             l1_mode: str = "subgradient", grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
             backend: str = "auto", master_params: list[Tensor | None] | None = None) -> None:
     """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, plus L1, backend and
@@ -249,8 +249,8 @@ def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor]
 
 
 def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list[Tensor | None], *,
-        lr: float | Tensor, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-        l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
+        lr: float | Tensor, weight_decay: float | Tensor, momentum: float, dampening: float, nesterov: bool,
+        maximize: bool, l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None, backend: str = "auto",
         master_params: list[Tensor | None] | None = None) -> None:
     """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, plus L1, backend and
