@@ -90,7 +90,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                  double alpha, double eps,
                  double weight_decay, double momentum, bool centered, bool maximize, double l1, bool l1_proximal,
                  const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf,
-              const OptTensor& weight_decay_tensor) {
+                 const OptTensor& weight_decay_tensor) {
   const char* op = "fused_opt::rmsprop_";
   check_group(op, params, grads,
               {{"square_avgs", square_avgs, true}, {"grad_avgs", grad_avgs, centered},
