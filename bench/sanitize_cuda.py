@@ -35,7 +35,8 @@ def tensors(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     sizes = [0, 1, 7, 8, 9, CHUNK - 1, CHUNK + 3, 5 * CHUNK + 17]
     out = [torch.randn(n, device=device, dtype=dtype, generator=g) for n in sizes]
     out.append(torch.randn(1001, device=device, dtype=dtype, generator=g)[1:])  # storage offset 1: unaligned
-    out += [torch.randn(33, device=device, dtype=dtype, generator=g) for _ in range(40)]  # > 32 tensors a launch
+    # More tensors than a launch holds (256 on the GPU, 32 in the CPU simulation).
+    out += [torch.randn(33, device=device, dtype=dtype, generator=g) for _ in range(260)]
     return [t.requires_grad_() for t in out]
 
 

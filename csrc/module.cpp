@@ -7,6 +7,7 @@
 
 PYBIND11_MODULE(_C_cuda, m) {
   try {
+    fused_opt::check_cuda_driver();
     fused_opt::register_kernels(c10::DispatchKey::CUDA, __FILE__, fused_opt::register_cuda_kernels);
   } catch (const std::runtime_error& e) {
     throw pybind11::import_error(e.what());

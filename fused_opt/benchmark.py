@@ -9,6 +9,7 @@ ceiling is measured in the same run: on the CPU torch's in-place axpy (`a.add_(b
 12 bytes per element) over as many elements as the parameter list; on the GPU a large
 device-to-device copy (8 bytes per element). Each provider updates the same params and grads
 with its own state; times are medians of `reps` steps after a warm-up (CUDA events on the GPU).
+On the GPU each row also counts the kernels and copies one step puts on the device (profiler).
 
 Bytes per parameter, counted (p read+written, g read, each state read+written), times the dtype
 size: Adam/AdamW 7, SGD-momentum and RMSprop 5 (28 and 20 bytes in fp32; states have the
@@ -179,6 +180,21 @@ def extra_peak_bytes(step: Callable, device: str) -> int:
     return peak
 
 
+def gpu_ops_per_step(step: Callable, device: str) -> int | None:
+    """Kernels and copies one step puts on the GPU (the profiler counts them); None on the CPU or
+    where the profiler cannot see the GPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    except RuntimeError:  # no CUPTI: the step still ran, the count is unknown
+        return None
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
 def machine(device: str) -> dict:
     cpu = platform.processor()
     try:
@@ -237,6 +253,7 @@ def run(device="cpu", quick=False, reps=None, lists=None, algorithms=None, dtype
         opt = prov.make(params)
         opt.step()  # creates the state
         extra = extra_peak_bytes(opt.step, device)
+        gpu_ops = gpu_ops_per_step(opt.step, device)
         med, lo, hi = _median_time(opt.step, reps, device)
         del opt
         with torch.no_grad():
@@ -250,7 +267,7 @@ def run(device="cpu", quick=False, reps=None, lists=None, algorithms=None, dtype
                         "algorithm": prov.algorithm, "provider": prov.name, "ms": 1e3 * med, "ms_min": 1e3 * lo,
                         "ms_max": 1e3 * hi, "bytes_per_param": bytes_per_param, "gbps": gbps,
                         "ceiling_gbps": ceilings[list_name] / 1e9, "fraction_of_ceiling": gbps * 1e9 / ceilings[list_name],
-                        "extra_peak_mb": extra / 2**20})
+                        "extra_peak_mb": extra / 2**20, "gpu_ops_per_step": gpu_ops})
         if partial:
             partial(_report(device, quick, reps, results))
     return _report(device, quick, reps, results)
@@ -275,17 +292,21 @@ def add_ratios(results: list[dict]) -> None:
 def markdown(report: dict) -> str:
     m = report["machine"]
     where = f"GPU {m['gpu']} (CUDA {m['cuda']}, Triton {m['triton']}); host " if report["device"] == "cuda" else ""
-    kind = "device-to-device copy" if report["device"] == "cuda" else "in-place axpy"
+    gpu = report["device"] == "cuda"
+    kind = "device-to-device copy" if gpu else "in-place axpy"
     lines = [f"{where}CPU {m['cpu']}, {m['threads']} threads ({m['cpu_capability']}); torch {m['torch']}, "
              f"Python {m['python']}, fused_opt {m['fused_opt']}; {m['date']}; median of {report['reps']} steps"
              + (" (quick mode: scaled-down lists)" if report["quick"] else ""), "",
-             "| params | dtype | algorithm | provider | ms (min-max) | GB/s | of ceiling | extra MB | vs best torch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| params | dtype | algorithm | provider | ms (min-max) | GB/s | of ceiling | extra MB | vs best torch |"
+             + (" GPU ops/step |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in report["results"]:
         ratio = r.get("ratio_to_best_torch")
+        ops = r.get("gpu_ops_per_step")
         lines.append(f"| {r['params']} | {r['dtype']} | {r['algorithm']} | {r['provider']} | {r['ms']:.2f} "
                      f"({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['gbps']:.1f} | {r['fraction_of_ceiling']:.2f} | "
-                     f"{r['extra_peak_mb']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+                     f"{r['extra_peak_mb']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} |"
+                     + (f" {'?' if ops is None else ops} |" if gpu else ""))
     ceilings = {r["params"]: r["ceiling_gbps"] for r in report["results"]}
     lines += ["", f"Ceiling ({kind}, same run): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in ceilings.items())]
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ def test_quick_benchmark_figures_are_consistent(tmp_path):
         assert math.isclose(r["gbps"], r["bytes_per_param"] * r["numel"] / (r["ms"] / 1e3) / 1e9, rel_tol=1e-9)
         assert math.isclose(r["fraction_of_ceiling"], r["gbps"] / r["ceiling_gbps"], rel_tol=1e-9)
         assert r["extra_peak_mb"] >= 0
+        assert r["gpu_ops_per_step"] is None  # counted on the GPU only
     for r in (r for r in rows if r["provider"].startswith("fused_opt")):
         best = min(o["ms"] for o in rows if (o["algorithm"], o["dtype"]) == (r["algorithm"], r["dtype"])
                    and o["provider"].startswith("torch"))
@@ -37,6 +38,13 @@ def test_quick_benchmark_figures_are_consistent(tmp_path):
     assert json.load(open(paths[0]))["results"] == rows
     assert open(paths[1]).read().count("\n| 5000x1000 |") == len(rows)
     assert open(paths[2], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "GPU ops/step" not in open(paths[1]).read()
+
+    # A GPU report adds the count of kernels and copies per step as a last column.
+    gpu = dict(report, device="cuda", machine=dict(report["machine"], gpu="H200"),
+               results=[dict(r, gpu_ops_per_step=i) for i, r in enumerate(rows)])
+    table = [line for line in benchmark.markdown(gpu).splitlines() if line.startswith("| 5000x1000 |")]
+    assert [line.rsplit("|", 2)[1].strip() for line in table] == [str(i) for i in range(len(rows))]
 
 
 def test_the_cli_keeps_the_table_on_disk_after_every_row(tmp_path, monkeypatch):

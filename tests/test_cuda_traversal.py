@@ -1,29 +1,33 @@
 """The CUDA kernels' traversal, run on the CPU by the cuda_sim backend: launches that fill up on
 tensors or blocks, a tensor spanning two launches, unaligned storage and odd lengths (masked
-path), compared with the CPU kernels."""
+path), compared with the CPU kernels; and how the GPU's launches are packed (launch_plan)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 import fused_opt
 
-CHUNK, MAX_TENSORS, MAX_BLOCKS = 65536, 32, 320
+CHUNK = 65536
+MAX_TENSORS, MAX_BLOCKS = 32, 320  # the simulation's launches (the GPU's: 256 tensors, 2560 blocks)
+GPU_MAX_TENSORS, GPU_MAX_BLOCKS = 256, 2560
 
 
-def _run(sizes, backend, offset=0, dtype=torch.float32, steps=2, master_weights=False):
+def _run(sizes, backend, offset=0, dtype=torch.float32, steps=2, master_weights=False, device="cpu"):
     g = torch.Generator().manual_seed(0)
     params = []
     for n in sizes:
-        base = torch.randn(n + offset, generator=g).to(dtype)
+        base = torch.randn(n + offset, generator=g).to(device, dtype)
         params.append(base[offset:].requires_grad_())  # offset 1: storage not 16-byte aligned
     opt = fused_opt.Adam(params, lr=0.01, weight_decay=0.1, l1=0.01, l1_mode="proximal", backend=backend,
                          master_weights=master_weights)
     for step in range(steps):
         gg = torch.Generator().manual_seed(step + 1)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gg).to(dtype)
+            p.grad = torch.randn(p.shape, generator=gg).to(device, dtype)
         opt.step()
     return params, opt
 
@@ -35,16 +39,36 @@ LAYOUTS = {
 }
 
 
+# The same edges at the GPU's launch bounds (run by gpu_check.sh; the CPU kernels run alongside).
+GPU_LAYOUTS = {
+    "many_small_tensors": [5, 17, 1024, 4096, 3] * 120,                       # > 256 tensors
+    "tensor_spans_launches": [GPU_MAX_BLOCKS * CHUNK + 12345, 77],           # > 2560 blocks in one tensor
+    "chunk_edges": LAYOUTS["chunk_edges"],
+}
+
+
+def _assert_same_adam(params, opt, ref_params, ref_opt):
+    for i, (a, b) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7, msg=lambda m: f"param {i}: {m}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[a][key].cpu(), ref_opt.state[b][key], rtol=1e-6, atol=1e-7,
+                                       msg=lambda m: f"param {i} {key}: {m}")
+
+
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_simulated_cuda_traversal_matches_cpu_kernels(layout, offset):
     sizes = LAYOUTS[layout]
-    sim, sim_opt = _run(sizes, "cuda_sim", offset)
-    cpu, cpu_opt = _run(sizes, "cpu", offset)
-    for i, (a, b) in enumerate(zip(sim, cpu)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"param {i}: {m}")
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(sim_opt.state[a][key], cpu_opt.state[b][key], rtol=1e-6, atol=1e-7)
+    _assert_same_adam(*_run(sizes, "cuda_sim", offset), *_run(sizes, "cpu", offset))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+def test_cuda_traversal_matches_cpu_kernels(layout, offset):
+    sizes = GPU_LAYOUTS[layout]
+    _assert_same_adam(*_run(sizes, "cuda", offset, device="cuda"), *_run(sizes, "cpu", offset))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -86,3 +110,78 @@ def test_the_sanitizer_workload_agrees_with_the_reference_on_cuda_sim(config):
     spec.loader.exec_module(workload)
     opt_cls, kwargs = workload.CONFIGS[config]
     assert workload.run("cuda_sim", opt_cls, kwargs, torch.float32, False, "cpu") <= 1e-5
+
+
+def _check_plan(numels, plan, max_tensors, max_blocks):
+    """Every chunk of every non-empty tensor in exactly one block, in order, with its own numel and
+    step; no launch over its bounds. Tensor t is described by launch_plan with slot-k address
+    8 * (16 * (t + 1) + k) and host step t."""
+    seen = []
+    for launch in plan:
+        assert 1 <= len(launch) <= max_blocks
+        assert len({addr for addr, *_ in launch}) <= max_tensors
+        for addr, master_addr, numel, step, chunk in launch:
+            t = addr // 128 - 1
+            assert addr == 128 * (t + 1) and master_addr == addr + 8 * 5
+            assert numel == numels[t] and step == t
+            seen.append((t, chunk))
+    expected = [(t, c) for t, n in enumerate(numels) for c in range(-(-n // CHUNK))]
+    assert seen == expected
+
+
+@pytest.mark.parametrize("layout", ["gpt-1b", "10000x4096", "mixed"])
+def test_gpu_launches_hold_many_tensors(layout):
+    """What issue 3 asks of the launch count, with the GPU's bounds: a GPT-shaped 1B-param list in a
+    handful of launches, 10,000 small tensors in a few dozen."""
+    from fused_opt._C import launch_plan
+
+    from fused_opt.benchmark import gpt_shapes
+    numels = {
+        "gpt-1b": [math.prod(s) for s in gpt_shapes(2048, 20, 50257, 2048)],
+        "10000x4096": [4096] * 10000,
+        "mixed": [0, 5, GPU_MAX_BLOCKS * CHUNK + 3, 0, 7] + [CHUNK + 1] * 300 + [1] * 600,
+    }[layout]
+    plan = launch_plan(numels)
+    _check_plan(numels, plan, GPU_MAX_TENSORS, GPU_MAX_BLOCKS)
+    launches = {"gpt-1b": 7, "10000x4096": 40, "mixed": 5}[layout]
+    assert len(plan) <= launches, f"{len(plan)} launches"
+
+
+@pytest.mark.parametrize("limits", [(1, 1), (2, 3), (32, 320), (256, 2560)])
+def test_launch_packing_at_any_bounds(limits):
+    from fused_opt._C import launch_plan
+
+    numels = [3, CHUNK, 0, 2 * CHUNK + 1, 1, 5 * CHUNK, 0, 9] * 5
+    _check_plan(numels, launch_plan(numels, *limits), *limits)
+
+
+def test_launch_plan_refuses_bounds_over_the_capacity():
+    from fused_opt._C import launch_plan
+
+    with pytest.raises(RuntimeError, match="limits must be within"):
+        launch_plan([1], GPU_MAX_TENSORS + 1, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["op", "table"])
+def test_a_gpu_step_launches_as_planned(path):
+    """10,000 tensors of 4,096 elements: one step is 40 kernel launches on the GPU and nothing else
+    (the profiler counts them), through the op and through the cached group table."""
+    from fused_opt._C import launch_plan
+
+    params = [torch.zeros(4096, device="cuda", requires_grad=True) for _ in range(10000)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = fused_opt.Adam(params, backend="cuda")
+    opt.step()  # creates the states (and the group's table)
+    if path == "op":
+        opt._tables = fused_opt.tables.Tables()  # forgets the table: the next step takes the op
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [name for name in kernels if "multi_tensor_kernel" in name]
+    assert len(ours) == len(launch_plan([4096] * 10000)) == 40, kernels[:5]
+    assert len(kernels) == len(ours), [name for name in kernels if "multi_tensor_kernel" not in name][:5]

@@ -11,6 +11,10 @@ namespace fused_opt::mta {
 namespace {
 
 struct SimRunner {
+  // Launches smaller than the GPU's (32 tensors, 320 blocks), so that tests with CPU-sized tensors
+  // cross launch boundaries: the same packing code, with other bounds; launch_plan below checks
+  // the GPU's bounds.
+  static constexpr Limits kLimits{32, 320};
   struct Guard {
     explicit Guard(const at::Device&) {}
   };

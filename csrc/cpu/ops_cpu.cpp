@@ -54,14 +54,6 @@ void check_device(const char* op, at::TensorList params, at::TensorList steps = 
   }
 }
 
-void check_scalars(const char* op, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf,
-                   const OptTensor& weight_decay_tensor) {
-  check_scalar_tensor(op, "lr_tensor", lr_tensor);
-  check_scalar_tensor(op, "grad_scale", grad_scale);
-  check_scalar_tensor(op, "found_inf", found_inf);
-  check_scalar_tensor(op, "weight_decay_tensor", weight_decay_tensor);
-}
-
 // A hyperparameter given as a tensor: its value now (the CPU kernels run on the host anyway).
 double value_of(double value, const OptTensor& tensor) { return tensor ? tensor->item<double>() : value; }
 

@@ -348,4 +348,5 @@ PYBIND11_MODULE(_C, m) {
   fused_opt::cpu::bind_tables(m);
   fused_opt::cpu::bind_pack(m);
   fused_opt::mta::bind_table_step(m, "sim_table_step", &fused_opt::mta::sim_table_step);
+  fused_opt::mta::bind_launch_plan(m);
 }

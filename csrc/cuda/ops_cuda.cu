@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "fused_opt/mta_ops.h"
 #include "fused_opt/registration.h"
 
@@ -17,6 +20,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const Meta meta,
 
 struct CudaRunner {
   using Guard = c10::cuda::CUDAGuard;  // the params' device is current for the whole op
+  static constexpr Limits kLimits{};   // launches as full as Meta allows
 
   static at::Device check_device(const char* op, at::TensorList params) {
     const at::Device device = params[0].device();
@@ -38,6 +42,16 @@ void cuda_table_step(const std::string& family, const TableArgs& a, const Family
 }
 
 }  // namespace fused_opt::mta
+
+void fused_opt::check_cuda_driver() {
+  // Kernel arguments over 4 KB (Meta) need a driver for CUDA 12.1 or later; an older one would
+  // refuse every launch. No driver at all is fine: then nothing launches.
+  int version = 0;
+  if (cudaDriverGetVersion(&version) != cudaSuccess || version == 0 || version >= 12010) return;
+  throw std::runtime_error("fused_opt: the CUDA kernels need an NVIDIA driver for CUDA 12.1 or later (R530+); this one "
+                           "supports CUDA " + std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10) +
+                           ": update the driver, or use backend=\"triton\"");
+}
 
 void fused_opt::register_cuda_kernels(torch::Library& m) {
   using Cuda = mta::Ops<mta::CudaRunner>;

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <optional>
 
 namespace fused_opt {
 
@@ -96,6 +97,16 @@ inline void check_scalar_tensor(const char* op, const char* name, const std::opt
   if (t.has_value()) {
     TORCH_CHECK(t->defined() && t->numel() == 1, op, ": ", name, " must be a one-element tensor");
   }
+}
+
+// The optional per-step scalars every op takes, each one element when given.
+inline void check_scalars(const char* op, const std::optional<at::Tensor>& lr_tensor,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          const std::optional<at::Tensor>& weight_decay_tensor) {
+  check_scalar_tensor(op, "lr_tensor", lr_tensor);
+  check_scalar_tensor(op, "grad_scale", grad_scale);
+  check_scalar_tensor(op, "found_inf", found_inf);
+  check_scalar_tensor(op, "weight_decay_tensor", weight_decay_tensor);
 }
 
 }  // namespace fused_opt

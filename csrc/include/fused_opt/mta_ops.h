@@ -1,6 +1,7 @@
 // Host side of the multi-tensor ops (fused_opt::adam_, rmsprop_, sgd_) for a traversal backend:
 // the CUDA kernels (csrc/cuda/ops_cuda.cu) and their CPU simulation (csrc/cpu/cuda_sim.cpp).
-// `Runner` supplies check_device(op, params), a Guard type and launch<scalar_t>(meta, blocks, scalars, family);
+// `Runner` supplies check_device(op, params), a Guard type, kLimits (how full a launch gets) and
+// launch<scalar_t, Master>(meta, blocks, scalars, family);
 // everything else (checks, step counters, scalar tensors, packing of launches) is shared here.
 #pragma once
 
@@ -104,7 +105,7 @@ void launch_all(int n, const Describe& d, at::ScalarType dtype, bool master, con
                 const Family& family) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_opt_mta", [&] {
     constexpr bool half = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
-    for_each_launch(n, d, [&](const Meta& meta, int blocks) {
+    for_each_launch(n, d, Runner::kLimits, [&](const Meta& meta, int blocks) {
       if constexpr (half) {  // fp32 master weights exist for 16-bit params only (checked before)
         if (master) return Runner::template launch<scalar_t, true>(meta, blocks, sc.s, family);
       }
@@ -142,10 +143,7 @@ template <typename Runner, typename Family>
 void update(const char* op, at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
             at::TensorList masters, at::TensorList state_steps, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
             const OptTensor& found_inf, const OptTensor& weight_decay_tensor, const Family& family) {
-  check_scalar_tensor(op, "lr_tensor", lr_tensor);
-  check_scalar_tensor(op, "grad_scale", grad_scale);
-  check_scalar_tensor(op, "found_inf", found_inf);
-  check_scalar_tensor(op, "weight_decay_tensor", weight_decay_tensor);
+  check_scalars(op, lr_tensor, grad_scale, found_inf, weight_decay_tensor);
   if (params.empty()) return;
   const at::Device device = Runner::check_device(op, params);
   typename Runner::Guard guard(device);

@@ -2,8 +2,12 @@
 // simulation (csrc/cpu/cuda_sim.cpp) runs the very same chunking, index and vector-load logic
 // over simulated blocks and threads, and the tests can check it without a GPU.
 //
-// A launch covers up to kMaxTensors tensors and kMaxBlocks blocks; each block updates one chunk
-// of kChunk elements of one tensor. All the metadata travels in the kernel's arguments.
+// A launch covers up to Limits::tensors tensors and Limits::blocks blocks; each block updates one
+// chunk of kChunk elements of one tensor. All the metadata travels in the kernel's arguments,
+// which may hold up to 32 KB since CUDA 12.1 on sm_70+ (this project builds sm_80/sm_90 with nvcc
+// 13): 256 tensors and 2560 blocks a launch, so a GPT-shaped 1B-param list steps in 6 launches
+// and 10,000 tensors of 4,096 elements in 40, with nothing copied to the device per step and
+// every launch capturable in a CUDA graph.
 #pragma once
 
 #include <cstdint>
@@ -15,8 +19,8 @@ namespace fused_opt::mta {
 
 constexpr int kSlots = 6;           // 0 param, 1 grad (read only), 2..4 state, 5 master (null if unused)
 constexpr int kMaster = 5;          // the float32 master copy of a 16-bit param
-constexpr int kMaxTensors = 32;     // with kMaxBlocks, keeps Meta under the 4 KB of kernel arguments
-constexpr int kMaxBlocks = 320;
+constexpr int kMaxTensors = 256;    // with kMaxBlocks, keeps the arguments under 32 KB (below)
+constexpr int kMaxBlocks = 2560;
 constexpr int64_t kChunk = 65536;   // elements per block
 constexpr int kThreads = 512;       // threads per block
 constexpr int kVectorBytes = 16;    // one 128-bit load/store per slot per iteration
@@ -26,7 +30,7 @@ struct Meta {
   int64_t numel[kMaxTensors];
   double step_host[kMaxTensors];         // the step of this update, when counters live on the host
   const float* step_dev[kMaxTensors];    // or a device counter, already advanced (null: use host)
-  unsigned char block_tensor[kMaxBlocks];
+  unsigned char block_tensor[kMaxBlocks];  // kMaxTensors <= 256
   int32_t block_chunk[kMaxBlocks];
 };
 
@@ -39,8 +43,17 @@ struct Scalars {
   double inv_scale_host;     // 1 / grad_scale when the scale is known on the host
   const float* weight_decay_dev;  // overrides the family's weight decay when set
 };
-// A kernel's arguments (Meta, Scalars, the family's options: under 128 bytes) must fit in 4 KB.
-static_assert(sizeof(Meta) + sizeof(Scalars) + 128 <= 4096, "launch metadata over the kernel argument limit");
+// A kernel's arguments (Meta, Scalars, the family's options: under 128 bytes) must fit in the
+// 32,764 bytes CUDA allows.
+static_assert(sizeof(Meta) + sizeof(Scalars) + 128 <= 32764, "launch metadata over the kernel argument limit");
+static_assert(kMaxTensors <= 256, "block_tensor holds a tensor's slot in one byte");
+
+// How much of Meta a launch fills: the GPU fills it all; the CPU simulation uses less, so that
+// tests of CPU-sized tensors cross launch boundaries.
+struct Limits {
+  int tensors = kMaxTensors;
+  int blocks = kMaxBlocks;
+};
 
 // A family's options with another weight decay (read from a tensor at run time).
 template <typename Family>
@@ -77,9 +90,10 @@ FO_HD void store_pack(void* p, int64_t i, const S* in) {
 }
 
 // The work of thread `thread` of block `block`: compute the tensor's coefficients, then walk
-// the chunk with vector loads when every slot is 16-byte aligned and the length is a multiple
-// of the vector width, else element by element with a bounds mask. With master weights the math
-// runs on the master's value (x[0] = master; the param is written, rounded, never read).
+// the chunk: when every slot is 16-byte aligned, with vector loads up to the last whole vector
+// and element by element after it (the tail); else element by element throughout. With master
+// weights the math runs on the master's value (x[0] = master; the param is written, rounded,
+// never read).
 template <typename scalar_t, bool Master, typename Family>
 FO_HD void process_block(const Meta& meta, const Scalars& s, const Family& family, int block, int thread,
                          int nthreads) {
@@ -96,7 +110,7 @@ FO_HD void process_block(const Meta& meta, const Scalars& s, const Family& famil
                           .template coeffs<S>(lr, step, inv_scale);
 
   void* ptr[kSlots];
-  bool aligned = len % W == 0;
+  bool aligned = true;
   for (int k = 0; k < kSlots; ++k) {
     void* base = k == kMaster && !Master ? nullptr : meta.addr[k][t];
     ptr[k] = base == nullptr ? nullptr
@@ -111,40 +125,38 @@ FO_HD void process_block(const Meta& meta, const Scalars& s, const Family& famil
     family.update(x, coeffs);
     if (Master) x[kMaster] = x[0];
   };
-  if (aligned) {
-    for (int64_t i = int64_t(thread) * W; i < len; i += int64_t(nthreads) * W) {
-      S x[kSlots][W] = {};
-      for (int k = 0; k < kSlots; ++k) {
-        if (!loaded(k)) continue;
-        if (slot_is_float<scalar_t, Master>(k)) load_pack<float, W>(ptr[k], i, x[k]);
-        else load_pack<scalar_t, W>(ptr[k], i, x[k]);
-      }
-      for (int j = 0; j < W; ++j) {
-        S e[kSlots];
-        for (int k = 0; k < kSlots; ++k) e[k] = x[k][j];
-        update(e);
-        for (int k = 0; k < kSlots; ++k) x[k][j] = e[k];
-      }
-      for (int k = 0; k < kSlots; ++k) {
-        if (!stored(k)) continue;
-        if (slot_is_float<scalar_t, Master>(k)) store_pack<float, W>(ptr[k], i, x[k]);
-        else store_pack<scalar_t, W>(ptr[k], i, x[k]);
-      }
+  const int64_t vector_end = aligned ? len - len % W : 0;  // kChunk is a multiple of W
+  for (int64_t i = int64_t(thread) * W; i < vector_end; i += int64_t(nthreads) * W) {
+    S x[kSlots][W] = {};
+    for (int k = 0; k < kSlots; ++k) {
+      if (!loaded(k)) continue;
+      if (slot_is_float<scalar_t, Master>(k)) load_pack<float, W>(ptr[k], i, x[k]);
+      else load_pack<scalar_t, W>(ptr[k], i, x[k]);
     }
-  } else {
-    for (int64_t i = thread; i < len; i += nthreads) {
-      S e[kSlots] = {};
-      for (int k = 0; k < kSlots; ++k) {
-        if (!loaded(k)) continue;
-        e[k] = slot_is_float<scalar_t, Master>(k) ? S(static_cast<const float*>(ptr[k])[i])
-                                                  : S(static_cast<const scalar_t*>(ptr[k])[i]);
-      }
+    for (int j = 0; j < W; ++j) {
+      S e[kSlots];
+      for (int k = 0; k < kSlots; ++k) e[k] = x[k][j];
       update(e);
-      for (int k = 0; k < kSlots; ++k) {
-        if (!stored(k)) continue;
-        if (slot_is_float<scalar_t, Master>(k)) static_cast<float*>(ptr[k])[i] = float(e[k]);
-        else static_cast<scalar_t*>(ptr[k])[i] = scalar_t(e[k]);
-      }
+      for (int k = 0; k < kSlots; ++k) x[k][j] = e[k];
+    }
+    for (int k = 0; k < kSlots; ++k) {
+      if (!stored(k)) continue;
+      if (slot_is_float<scalar_t, Master>(k)) store_pack<float, W>(ptr[k], i, x[k]);
+      else store_pack<scalar_t, W>(ptr[k], i, x[k]);
+    }
+  }
+  for (int64_t i = vector_end + thread; i < len; i += nthreads) {
+    S e[kSlots] = {};
+    for (int k = 0; k < kSlots; ++k) {
+      if (!loaded(k)) continue;
+      e[k] = slot_is_float<scalar_t, Master>(k) ? S(static_cast<const float*>(ptr[k])[i])
+                                                : S(static_cast<const scalar_t*>(ptr[k])[i]);
+    }
+    update(e);
+    for (int k = 0; k < kSlots; ++k) {
+      if (!stored(k)) continue;
+      if (slot_is_float<scalar_t, Master>(k)) static_cast<float*>(ptr[k])[i] = float(e[k]);
+      else static_cast<scalar_t*>(ptr[k])[i] = scalar_t(e[k]);
     }
   }
 }
@@ -183,10 +195,10 @@ static_assert(sizeof(AdamFamily) <= 128 && sizeof(RMSpropFamily) <= 128 && sizeo
               "a family's options must stay within the 128 bytes the argument budget above allows them");
 
 // Host side: packs tensors and their chunks into Meta and calls launch(meta, nblocks) each time a
-// launch is full, and once at the end. `addr(t, k)`, `numel(t)`, `step_host(t)`, `step_dev(t)`
-// describe tensor t of n.
+// launch is full (`limits`), and once at the end. `addr(t, k)`, `numel(t)`, `step_host(t)`,
+// `step_dev(t)` describe tensor t of n.
 template <typename Describe, typename Launch>
-void for_each_launch(int n, const Describe& d, const Launch& launch) {
+void for_each_launch(int n, const Describe& d, Limits limits, const Launch& launch) {
   Meta meta{};
   int tensors = 0, blocks = 0;
   for (int t = 0; t < n; ++t) {
@@ -201,8 +213,8 @@ void for_each_launch(int n, const Describe& d, const Launch& launch) {
       meta.block_tensor[blocks] = static_cast<unsigned char>(tensors);
       meta.block_chunk[blocks] = static_cast<int32_t>(c);
       ++blocks;
-      const bool tensors_full = tensors + 1 == kMaxTensors && c + 1 == chunks;
-      if (blocks == kMaxBlocks || tensors_full) {
+      const bool tensors_full = tensors + 1 == limits.tensors && c + 1 == chunks;
+      if (blocks == limits.blocks || tensors_full) {
         launch(meta, blocks);
         blocks = 0;
         if (c + 1 < chunks) {  // the tensor goes on in the next launch, in slot 0

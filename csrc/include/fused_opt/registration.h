@@ -15,6 +15,7 @@ namespace fused_opt {
 void register_cpu_kernels(torch::Library& m);       // csrc/cpu/ops_cpu.cpp
 void register_cuda_sim_kernels(torch::Library& m);  // csrc/cpu/cuda_sim.cpp
 void register_cuda_kernels(torch::Library& m);      // csrc/cuda/ops_cuda.cu
+void check_cuda_driver();                           // csrc/cuda/ops_cuda.cu: throws std::runtime_error
 
 // Registers add(library) for dispatch key `key`, for the life of the process. On failure the
 // registrations made so far are undone and std::runtime_error says why (without a backtrace).

@@ -1,12 +1,15 @@
-// Python binding of a multi-tensor table step (mta_ops.h, TableArgs), shared by the CPU module
-// (fused_opt._C.sim_table_step, the CUDA traversal simulated on the CPU) and the CUDA module
-// (fused_opt._C_cuda.table_step). Called by fused_opt/tables.py with the family's options as
-// functional.OPTIONS builds them.
+// Python bindings of the multi-tensor traversal: a table step (mta_ops.h, TableArgs), shared by
+// the CPU module (fused_opt._C.sim_table_step, the CUDA traversal simulated on the CPU) and the
+// CUDA module (fused_opt._C_cuda.table_step; called by fused_opt/tables.py with the family's
+// options as functional.OPTIONS builds them), and the CPU module's launch_plan (for the tests).
 #pragma once
 
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "fused_opt/mta_ops.h"
 
@@ -41,6 +44,42 @@ inline void bind_table_step(pybind11::module_& m, const char* name, TableStepFn 
       py::arg("family"), py::arg("table"), py::arg("numels"), py::arg("like"), py::arg("steps"), py::arg("lr"),
       py::arg("lr_tensor") = py::none(), py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
       py::arg("options"));
+}
+
+// launch_plan(numels, max_tensors=None, max_blocks=None): how for_each_launch packs tensors of
+// these sizes into launches (the GPU's bounds by default), without running them. Each launch is
+// a list of blocks (address of slot 0, address of slot 5, numel, host step, chunk), where tensor t
+// is described with address of slot k = 8 * (16 * (t + 1) + k) and host step t, so the tests can
+// check that every chunk of every tensor is covered once, with its own metadata.
+inline void bind_launch_plan(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def(
+      "launch_plan",
+      [](const std::vector<int64_t>& numels, std::optional<int> max_tensors, std::optional<int> max_blocks) {
+        const Limits limits{max_tensors.value_or(kMaxTensors), max_blocks.value_or(kMaxBlocks)};
+        TORCH_CHECK(limits.tensors >= 1 && limits.tensors <= kMaxTensors && limits.blocks >= 1 &&
+                        limits.blocks <= kMaxBlocks,
+                    "launch_plan: limits must be within 1..", kMaxTensors, " tensors and 1..", kMaxBlocks, " blocks");
+        struct Describe {
+          const std::vector<int64_t>& numels;
+          int64_t numel(int t) const { return numels[t]; }
+          void* addr(int t, int k) const { return reinterpret_cast<void*>(uintptr_t(8 * (16 * (t + 1) + k))); }
+          double step_host(int t) const { return double(t); }
+          const float* step_dev(int) const { return nullptr; }
+        } d{numels};
+        using Block = std::tuple<uintptr_t, uintptr_t, int64_t, double, int64_t>;
+        std::vector<std::vector<Block>> plan;
+        for_each_launch(static_cast<int>(numels.size()), d, limits, [&](const Meta& meta, int blocks) {
+          std::vector<Block>& launch = plan.emplace_back();
+          for (int b = 0; b < blocks; ++b) {
+            const int t = meta.block_tensor[b];
+            launch.emplace_back(reinterpret_cast<uintptr_t>(meta.addr[0][t]), reinterpret_cast<uintptr_t>(meta.addr[kMaster][t]),
+                                meta.numel[t], meta.step_host[t], meta.block_chunk[b]);
+          }
+        });
+        return plan;
+      },
+      py::arg("numels"), py::arg("max_tensors") = py::none(), py::arg("max_blocks") = py::none());
 }
 
 }  // namespace fused_opt::mta
