@@ -5,7 +5,7 @@
 // A launch covers up to Limits::tensors tensors and Limits::blocks blocks; each block updates one
 // chunk of kChunk elements of one tensor. All the metadata travels in the kernel's arguments,
 // which may hold up to 32 KB since CUDA 12.1 on sm_70+ (this project builds sm_80/sm_90 with nvcc
-// 13): 256 tensors and 2560 blocks a launch, so a GPT-shaped 1B-param list steps in 6 launches
+// 13): 256 tensors and 2560 blocks a launch, so a GPT-shaped 1.1B-param list steps in 7 launches
 // and 10,000 tensors of 4,096 elements in 40, with nothing copied to the device per step and
 // every launch capturable in a CUDA graph.
 #pragma once
