@@ -218,6 +218,7 @@ class FusedOptimizer(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
         self._called["step"] = True
+        self._check_capture()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -253,6 +254,15 @@ class FusedOptimizer(Optimizer):
         return loss
 
     step._wrapped_by_lr_sched = True  # see _opt_called
+
+    def _check_capture(self) -> None:
+        # As torch.optim: a CUDA graph captured while step counters live on the host would replay
+        # the captured step's bias correction forever.
+        if torch.compiler.is_compiling() or not torch.cuda.is_available():
+            return
+        if torch.cuda.is_current_stream_capturing() and not all(g.get("capturable", True) for g in self.param_groups):
+            raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} "
+                               "but param_groups' capturable is False.")
 
     def _options(self, group: dict) -> dict:
         """The group's hyperparameters as the functional API's keyword arguments (but lr)."""

@@ -91,9 +91,14 @@ def test_graph_replay_matches_eager(config):
         assert all(opt.state[p]["step"].item() == STEPS for p in model.parameters())
 
 
-def test_the_triton_backend_refuses_capture_and_writes_nothing():
+@pytest.mark.parametrize("opt_cls, kwargs, error", [
+    (fused_opt.AdamW, {"backend": "triton", "capturable": True}, "cannot be captured in a CUDA graph"),
+    (fused_opt.AdamW, {"backend": "cuda"}, "capturable is False"),  # host step counters: torch's error
+    (fused_opt.RMSprop, {"backend": "cuda", "momentum": 0.9}, "capturable is False"),
+], ids=["triton", "adamw-host-steps", "rmsprop-host-steps"])
+def test_a_capture_that_cannot_replay_is_refused_and_writes_nothing(opt_cls, kwargs, error):
     p = torch.ones(1000, device="cuda", requires_grad=True)
-    opt = fused_opt.AdamW([p], lr=0.01, backend="triton", capturable=True)
+    opt = opt_cls([p], lr=0.01, **kwargs)
     p.grad = torch.ones_like(p)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -102,7 +107,7 @@ def test_the_triton_backend_refuses_capture_and_writes_nothing():
     torch.cuda.current_stream().wait_stream(side)
     before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+    with pytest.raises(RuntimeError, match=error):
         with torch.cuda.graph(graph):
             opt.step()
     assert torch.equal(p, before[0])

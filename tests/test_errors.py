@@ -126,3 +126,36 @@ def test_found_inf_skips_everything(backend):
     assert torch.equal(params[0], p_before)
     for k, v in opt.state[params[0]].items():
         assert torch.equal(v, snapshot[k]), k
+
+
+@pytest.mark.parametrize("name,kwargs,refused", [
+    ("Adam", {}, True), ("RMSprop", {"momentum": 0.9}, True), ("Adam", {"capturable": True}, False),
+    ("SGD", {"momentum": 0.9}, False),  # no step counter
+], ids=["adam", "rmsprop", "adam-capturable", "sgd"])
+def test_a_graph_capture_with_host_step_counters_is_refused(monkeypatch, name, kwargs, refused):
+    """torch.optim's rule and message: capturing step() needs capturable=True where there are step
+    counters (else the graph would replay one frozen bias correction). The capture is faked on the
+    CPU; the GPU tests capture for real (test_cuda_graphs.py)."""
+    def run(capturing):
+        p = torch.linspace(-1, 1, 7, requires_grad=True)
+        p.grad = torch.linspace(1, 2, 7)
+        opt = getattr(fused_opt, name)([p], lr=0.1, backend="cpu", **kwargs)
+        with monkeypatch.context() as m:
+            if capturing:
+                m.setattr(torch.cuda, "is_available", lambda: True)
+                m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+            try:
+                opt.step()
+            except RuntimeError as e:
+                return p, opt, e
+        return p, opt, None
+
+    p, opt, error = run(capturing=True)
+    q, _, _ = run(capturing=False)
+    assert not torch.equal(q, torch.linspace(-1, 1, 7))  # the step changes the param when it runs
+    if refused:
+        assert str(error) == (f"Attempting CUDA graph capture of step() for an instance of {name} but "
+                              "param_groups' capturable is False.")
+        assert torch.equal(p, torch.linspace(-1, 1, 7)) and not opt.state  # nothing written
+    else:
+        assert error is None and torch.equal(p, q)
