@@ -3,6 +3,8 @@ state untouched; a NaN in one gradient stays in that parameter."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -113,19 +115,42 @@ def test_kernel_checks_leave_everything_untouched(bad, op_name):
             assert torch.equal(t, s)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_sim"])
-def test_found_inf_skips_everything(backend):
-    params = [torch.randn(40, requires_grad=True)]
-    opt = fused_opt.Adam(params, lr=0.1, backend=backend)
-    params[0].grad = torch.randn(40)
-    opt.step()
-    snapshot = {k: v.clone() for k, v in opt.state[params[0]].items()}
-    p_before = params[0].detach().clone()
-    opt.found_inf, opt.grad_scale = torch.tensor(1.0), torch.tensor(4.0)
-    opt.step()
-    assert torch.equal(params[0], p_before)
-    for k, v in opt.state[params[0]].items():
-        assert torch.equal(v, snapshot[k]), k
+ON_GPU = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+AMP_BACKENDS = ["cpu", "reference", "cuda_sim",
+                pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                                reason="needs TRITON_INTERPRET=1")),
+                pytest.param("cuda", marks=ON_GPU, id="cuda-gpu"), pytest.param("triton", marks=ON_GPU, id="triton-gpu")]
+
+
+@pytest.mark.parametrize("backend", AMP_BACKENDS)
+@pytest.mark.parametrize("capturable", [False, True], ids=["host-steps", "capturable"])
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-d", "1-element"])
+def test_found_inf_skips_everything(request, backend, capturable, shape):
+    """AMP's found_inf and grad_scale, 0-d (as GradScaler makes them) or one element of another
+    shape: a skipped step leaves params and every state (the step counters too) untouched, and the
+    next step is the same as with 0-d tensors. On the GPU they live on the device (no sync)."""
+    device = "cuda" if "gpu" in request.node.callspec.id else "cpu"
+
+    def run(shape):
+        params = [torch.linspace(-1, 1, 40, device=device, requires_grad=True)]
+        opt = fused_opt.Adam(params, lr=0.1, backend=backend, capturable=capturable)
+        params[0].grad = torch.linspace(-2, 3, 40, device=device)
+        opt.step()
+        snapshot = {k: v.clone() for k, v in opt.state[params[0]].items()}
+        p_before = params[0].detach().clone()
+        opt.found_inf, opt.grad_scale = torch.ones(shape, device=device), torch.full(shape, 4.0, device=device)
+        opt.step()
+        assert torch.equal(params[0], p_before)
+        for k, v in opt.state[params[0]].items():
+            assert torch.equal(v, snapshot[k]), k
+        opt.found_inf = torch.zeros(shape, device=device)
+        opt.step()
+        return params[0], opt.state[params[0]]
+
+    p, state = run(shape)
+    q, expected = run(())
+    assert not torch.equal(p, torch.linspace(-1, 1, 40, device=device)) and torch.equal(p, q)
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
 
 
 @pytest.mark.parametrize("name,kwargs,refused", [

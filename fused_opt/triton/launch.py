@@ -250,6 +250,8 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     pass `advance_host_steps`: it advances counters kept on the CPU in one call and returns their
     values (None if they are not all there)."""
     refuse_capture(device)
+    if found_inf is not None:
+        found_inf = found_inf.reshape(())  # one element of any shape; the counters' undo needs 0-d
     # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
     # no sync; elsewhere (or with counters on the host) it is read here.
     found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in steps)

@@ -83,7 +83,9 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
     }
     at::_foreach_add_(steps, 1);
     if (found_inf && !found_inf->device().is_cpu()) {
-      at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), found_inf->to(device, at::kFloat)));
+      // One element of any shape (checked); 0-d like the counters, so the undo cannot fail after the advance.
+      const at::Tensor undo = found_inf->to(device, at::kFloat).reshape({});
+      at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), undo));
     }
     for (size_t i = 0; i < steps.size(); ++i) out.dev[i] = steps[i].data_ptr<float>();
   } else {
