@@ -114,12 +114,17 @@ def test_the_sanitizer_workload_agrees_with_the_reference_on_cuda_sim(config):
 
 def _check_plan(numels, plan, max_tensors, max_blocks):
     """Every chunk of every non-empty tensor in exactly one block, in order, with its own numel and
-    step; no launch over its bounds. Tensor t is described by launch_plan with slot-k address
-    8 * (16 * (t + 1) + k) and host step t."""
+    step; every launch within its bounds and, but the last, full in blocks or in tensors (no launch
+    wasted). Tensor t is described by launch_plan with slot-k address 8 * (16 * (t + 1) + k) and
+    host step t; each launch comes as (the block count it was given, the blocks read from it)."""
     seen = []
-    for launch in plan:
-        assert 1 <= len(launch) <= max_blocks
-        assert len({addr for addr, *_ in launch}) <= max_tensors
+    for i, (count, launch) in enumerate(plan):
+        tensors = len({addr for addr, *_ in launch})
+        assert 1 <= count <= max_blocks, f"launch {i} was given {count} blocks"
+        assert count == len(launch), f"launch {i}: {count} blocks given, {len(launch)} readable"
+        assert tensors <= max_tensors, f"launch {i} holds {tensors} tensors"
+        if i + 1 < len(plan):
+            assert count == max_blocks or tensors == max_tensors, f"launch {i} left room ({count} blocks, {tensors} tensors)"
         for addr, master_addr, numel, step, chunk in launch:
             t = addr // 128 - 1
             assert addr == 128 * (t + 1) and master_addr == addr + 8 * 5
@@ -127,6 +132,41 @@ def _check_plan(numels, plan, max_tensors, max_blocks):
             seen.append((t, chunk))
     expected = [(t, c) for t, n in enumerate(numels) for c in range(-(-n // CHUNK))]
     assert seen == expected
+
+
+def _block(numels, t, chunk):
+    return (128 * (t + 1), 128 * (t + 1) + 40, numels[t], float(t), chunk)
+
+
+def test_a_small_plan_is_packed_as_worked_out_by_hand():
+    # Bounds of 2 tensors / 2 blocks: [t0 chunk 0, t1 chunk 0] fills the blocks, so tensor 1 goes on
+    # in the next launch (in slot 0) with its chunk 1; the empty tensor 2 takes no block.
+    from fused_opt._C import launch_plan
+
+    numels = [3, CHUNK + 1, 0]
+    b = lambda t, c: _block(numels, t, c)  # noqa: E731
+    plan = launch_plan(numels, 2, 2)
+    assert plan == [(2, [b(0, 0), b(1, 0)]), (1, [b(1, 1)])]
+    _check_plan(numels, plan, 2, 2)  # and the check below accepts it (it rejects each bad variant)
+
+
+BAD_PLANS = {  # for numels [3, CHUNK + 1] at bounds (2 tensors, 2 blocks); each breaks one rule
+    "empty launch": lambda b: [(2, [b(0, 0), b(1, 0)]), (1, [b(1, 1)]), (0, [])],
+    "over-full launch": lambda b: [(3, [b(0, 0), b(1, 0), b(1, 1)])],
+    "blocks given but not readable": lambda b: [(2, [b(0, 0)]), (2, [b(1, 0), b(1, 1)])],
+    "launch left room": lambda b: [(1, [b(0, 0)]), (2, [b(1, 0), b(1, 1)])],
+    "chunk missing": lambda b: [(2, [b(0, 0), b(1, 0)])],
+    "chunk twice": lambda b: [(2, [b(0, 0), b(1, 0)]), (2, [b(1, 0), b(1, 1)])],
+    "wrong numel": lambda b: [(2, [b(0, 0), b(1, 0)[:2] + (7,) + b(1, 0)[3:]]), (1, [b(1, 1)])],
+}
+
+
+@pytest.mark.parametrize("bad", BAD_PLANS)
+def test_the_plan_check_rejects_each_kind_of_bad_plan(bad):
+    numels = [3, CHUNK + 1]
+    plan = BAD_PLANS[bad](lambda t, c: _block(numels, t, c))
+    with pytest.raises(AssertionError):
+        _check_plan(numels, plan, 2, 2)
 
 
 @pytest.mark.parametrize("layout", ["gpt-1b", "10000x4096", "mixed"])

@@ -48,9 +48,10 @@ inline void bind_table_step(pybind11::module_& m, const char* name, TableStepFn 
 
 // launch_plan(numels, max_tensors=None, max_blocks=None): how for_each_launch packs tensors of
 // these sizes into launches (the GPU's bounds by default), without running them. Each launch is
-// a list of blocks (address of slot 0, address of slot 5, numel, host step, chunk), where tensor t
-// is described with address of slot k = 8 * (16 * (t + 1) + k) and host step t, so the tests can
-// check that every chunk of every tensor is covered once, with its own metadata.
+// (the block count the launch was given, its blocks), a block being (address of slot 0, address
+// of slot 5, numel, host step, chunk), where tensor t is described with address of slot k =
+// 8 * (16 * (t + 1) + k) and host step t, so the tests can check that every chunk of every tensor
+// is covered once, with its own metadata. Blocks past Meta's capacity are counted, not read.
 inline void bind_launch_plan(pybind11::module_& m) {
   namespace py = pybind11;
   m.def(
@@ -68,10 +69,11 @@ inline void bind_launch_plan(pybind11::module_& m) {
           const float* step_dev(int) const { return nullptr; }
         } d{numels};
         using Block = std::tuple<uintptr_t, uintptr_t, int64_t, double, int64_t>;
-        std::vector<std::vector<Block>> plan;
+        std::vector<std::pair<int, std::vector<Block>>> plan;
         for_each_launch(static_cast<int>(numels.size()), d, limits, [&](const Meta& meta, int blocks) {
-          std::vector<Block>& launch = plan.emplace_back();
-          for (int b = 0; b < blocks; ++b) {
+          auto& [count, launch] = plan.emplace_back(blocks, std::vector<Block>{});
+          (void)count;
+          for (int b = 0; b < blocks && b < kMaxBlocks; ++b) {
             const int t = meta.block_tensor[b];
             launch.emplace_back(reinterpret_cast<uintptr_t>(meta.addr[0][t]), reinterpret_cast<uintptr_t>(meta.addr[kMaster][t]),
                                 meta.numel[t], meta.step_host[t], meta.block_chunk[b]);
