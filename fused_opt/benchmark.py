@@ -171,7 +171,9 @@ def extra_peak_bytes(step: Callable, device: str) -> int:
     # CPU: the profiler charges each allocation to the op that made it (frees outside any op come
     # as "[memory]" events); replay those amounts in time order and keep the running peak. An
     # op's own temporaries that it frees before returning net out, so this is a lower bound.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    # acc_events: one cycle only, which also keeps torch 2.11-2.13 from warning that cycles clear events.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                acc_events=True) as prof:
         step()
     level = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
@@ -187,7 +189,7 @@ def gpu_ops_per_step(step: Callable, device: str) -> int | None:
         return None
     torch.cuda.synchronize()
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
             step()
             torch.cuda.synchronize()
     except RuntimeError:  # no CUPTI: the step still ran, the count is unknown

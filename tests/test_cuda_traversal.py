@@ -218,10 +218,61 @@ def test_a_gpu_step_launches_as_planned(path):
     if path == "op":
         opt._tables = fused_opt.tables.Tables()  # forgets the table: the next step takes the op
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
         opt.step()
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ours = [name for name in kernels if "multi_tensor_kernel" in name]
     assert len(ours) == len(launch_plan([4096] * 10000)) == 40, kernels[:5]
     assert len(kernels) == len(ours), [name for name in kernels if "multi_tensor_kernel" not in name][:5]
+
+
+# 64-bit index math: a tensor of more than 2**31 elements (bfloat16, 4.3 GB, and its grad), whose
+# last chunks lie past every 32-bit offset. p starts at 0 and takes one SGD step with lr 1, so it
+# must end as exactly -grad: an element left unwritten stays 0, one written from the wrong place
+# gets another grad (the grad is random around the 2**31 boundary and in the first and last chunks).
+HUGE = 2**31 + 3 * CHUNK + 5
+_PROBED = [slice(0, CHUNK), slice(2**31 - CHUNK, 2**31 + CHUNK), slice(HUGE - 2 * CHUNK - 7, HUGE)]
+
+
+def _available_bytes(device):
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def _huge_step(backend, device):
+    if _available_bytes(device) < 12 * 2**30:
+        pytest.skip(f"needs 12 GiB free on {device} for two tensors of {HUGE} bfloat16 elements")
+    p = torch.zeros(HUGE, dtype=torch.bfloat16, device=device, requires_grad=True)
+    g = torch.ones(HUGE, dtype=torch.bfloat16, device=device)
+    gen = torch.Generator().manual_seed(0)
+    for s in _PROBED:
+        g[s] = torch.randn(s.stop - s.start, generator=gen).to(device, torch.bfloat16)
+    p.grad = g
+    fused_opt.SGD([p], lr=1.0, backend=backend).step()
+    with torch.no_grad():
+        for start in range(0, HUGE, 2**28):  # p + g == 0 everywhere, a slice at a time
+            end = min(start + 2**28, HUGE)
+            wrong = (p[start:end] + g[start:end]).ne(0).nonzero()
+            assert len(wrong) == 0, f"{backend}: element {start + int(wrong[0])} of {HUGE} is wrong"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+def test_a_tensor_over_2_31_elements(backend):
+    _huge_step(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_tensor_over_2_31_elements_on_the_gpu(backend):
+    _huge_step(backend, "cuda")
+
+
+def test_the_plan_of_tensors_over_2_31_elements():
+    from fused_opt._C import launch_plan
+
+    numels = [HUGE, 3, 2**32 + CHUNK + 1]
+    _check_plan(numels, launch_plan(numels), GPU_MAX_TENSORS, GPU_MAX_BLOCKS)

@@ -1,15 +1,18 @@
 """Property tests (hypothesis): random shapes, dtypes, hyperparameters and options, every
-available backend against the float64 reference, a few steps each."""
+available backend against the float64 reference (on the CPU), a few steps each: the CPU backends,
+Triton (its interpreter here; on a GPU, with the CUDA backend, in `pytest -m cuda`)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_opt
 
-BACKENDS = [b for b, why in fused_opt.available_backends().items() if why is None and b not in ("cuda", "triton")]
+AVAILABLE = [b for b, why in fused_opt.available_backends().items() if why is None]
+BACKENDS = [b for b in AVAILABLE if b not in ("cuda", "triton")]  # for CPU tensors, compiled
 # (rtol, atol) of a backend in this dtype against float64, after 3 steps.
 TOLERANCE = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-10, 1e-12), torch.bfloat16: (4e-2, 4e-2)}
 
@@ -31,15 +34,43 @@ algorithms = st.one_of(
 
 
 # derandomize: CI must not flake; the examples still cover the space broadly and shrink on failure.
-@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(shapes=shapes, config=algorithms, dtype=st.sampled_from(list(TOLERANCE)),
-       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**16))
+def _settings(examples):
+    return settings(max_examples=examples, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+cases = dict(shapes=shapes, config=algorithms, dtype=st.sampled_from(list(TOLERANCE)), seed=st.integers(0, 2**16))
+
+
+@_settings(120)
+@given(backend=st.sampled_from(BACKENDS), **cases)
 def test_matches_float64_reference(shapes, config, dtype, backend, seed):
+    _check_against_reference(shapes, config, dtype, backend, seed, "cpu")
+
+
+# The interpreter runs a launch in ~0.1 s: fewer examples, the same space.
+@pytest.mark.skipif(torch.cuda.is_available() or "triton" not in AVAILABLE, reason="Triton's interpreter (no GPU)")
+@_settings(60)
+@given(**cases)
+def test_triton_interpreter_matches_float64_reference(shapes, config, dtype, seed):
+    _check_against_reference(shapes, config, dtype, "triton", seed, "cpu")
+
+
+# Each new option set compiles a Triton kernel (a second or so), inside gpu_check.sh's minutes.
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@_settings(30)
+@given(**cases)
+def test_gpu_backends_match_float64_reference(backend, shapes, config, dtype, seed):
+    _check_against_reference(shapes, config, dtype, backend, seed, "cuda")
+
+
+def _check_against_reference(shapes, config, dtype, backend, seed, device):
     config = dict(config)
     cls = config.pop("cls")
     g = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-    ours_p = [t.to(dtype).clone().requires_grad_() for t in init]
+    ours_p = [t.to(device, dtype).clone().requires_grad_() for t in init]
     ref_p = [t.to(dtype).double().clone().requires_grad_() for t in init]  # same start, exactly representable
     ours = cls(ours_p, backend=backend, **config)
     ref = cls(ref_p, backend="reference", **config)
@@ -47,15 +78,15 @@ def test_matches_float64_reference(shapes, config, dtype, backend, seed):
         grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
         for ps in (ours_p, ref_p):
             for p, gr in zip(ps, grads):
-                p.grad = gr.to(dtype).to(p.dtype)
+                p.grad = gr.to(dtype).to(p.device, p.dtype)
         ours.step()
         ref.step()
     rtol, atol = TOLERANCE[dtype]
     for p, q in zip(ours_p, ref_p):
         scale = max(1.0, q.abs().max().item()) if q.numel() else 1.0
-        torch.testing.assert_close(p.double(), q, rtol=rtol, atol=atol * scale)
+        torch.testing.assert_close(p.double().cpu(), q, rtol=rtol, atol=atol * scale)
         for key, value in ours.state[p].items():
             expected = q if key == "master_param" else ref.state[q][key]  # bfloat16 with master_weights
             scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-            torch.testing.assert_close(value.double(), expected.double(), rtol=rtol, atol=atol * scale,
+            torch.testing.assert_close(value.double().cpu(), expected.double(), rtol=rtol, atol=atol * scale,
                                        msg=lambda m: f"{key}: {m}")
