@@ -6,6 +6,7 @@ like `adam-amsgrad-l1prox-bf16-mixed-cpu`.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,14 @@ import torch
 import fused_opt
 
 STEPS = 20
+
+# Triton on CPU tensors runs in its interpreter (conftest.py turns it on when there is no GPU); torch's
+# CPU-only wheels do not bring Triton at all. A broken fused_opt.triton is not a reason to skip: it fails.
+INTERPRETER = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+    reason="needs Triton's interpreter (triton installed, TRITON_INTERPRET=1)")
+# GPU tests carry the `cuda` mark (gpu_check.sh runs them) and are skipped only when no GPU is present.
+ON_GPU = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 
 # algorithm -> (fused_opt class, torch.optim class, base kwargs, option variants)
 ALGORITHMS = {
@@ -99,9 +108,9 @@ class Case:
         """GPU cases carry the `cuda` mark and are skipped only when no GPU is present; Triton on
         the CPU needs Triton's interpreter (conftest.py turns it on when there is no GPU)."""
         if self.device == "cuda":
-            return (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+            return ON_GPU
         if self.backend == "triton":
-            return (pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"),)
+            return (INTERPRETER,)
         return ()
 
     @property

@@ -3,20 +3,19 @@ trajectory as eager, and a Tensor lr changed by an LR scheduler causes no recomp
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
 import fused_opt
+from cases import INTERPRETER
 
 # No UserWarning either: neither "scheduler stepped before optimizer" nor any from dynamo.
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")
 
 BACKENDS = ["cpu", "reference", "cuda_sim",
-            pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                             reason="needs TRITON_INTERPRET=1"))]
+            pytest.param("triton", marks=INTERPRETER)]
 ALGOS = {"AdamW": {"l1": 0.01, "l1_mode": "proximal"}, "RMSprop": {"momentum": 0.9, "centered": True},
          "SGD": {"momentum": 0.9, "nesterov": True, "l1": 0.001}}
 

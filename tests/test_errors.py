@@ -3,12 +3,12 @@ state untouched; a NaN in one gradient stays in that parameter."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import fused_opt
+from cases import INTERPRETER, ON_GPU
 
 INVALID = [
     ("Adam", {"lr": -1.0}), ("Adam", {"eps": -1e-8}), ("Adam", {"betas": (1.0, 0.999)}),
@@ -115,10 +115,8 @@ def test_kernel_checks_leave_everything_untouched(bad, op_name):
             assert torch.equal(t, s)
 
 
-ON_GPU = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 AMP_BACKENDS = ["cpu", "reference", "cuda_sim",
-                pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                                reason="needs TRITON_INTERPRET=1")),
+                pytest.param("triton", marks=INTERPRETER),
                 pytest.param("cuda", marks=ON_GPU, id="cuda-gpu"), pytest.param("triton", marks=ON_GPU, id="triton-gpu")]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_opt
-from cases import ALGORITHMS, MASTER_CASES, STEPS, TOLERANCES, Case, make_grads, make_params
+from cases import ALGORITHMS, INTERPRETER, MASTER_CASES, STEPS, TOLERANCES, Case, make_grads, make_params
 from fused_opt.optimizers import MASTER_KEY
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
@@ -179,7 +179,7 @@ def test_float32_params_have_no_master():
     assert MASTER_KEY not in with_flag.state[a] and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("op_name", ["adam_", "cuda_sim_adam_", "triton_adam_"])
+@pytest.mark.parametrize("op_name", ["adam_", "cuda_sim_adam_", pytest.param("triton_adam_", marks=INTERPRETER)])
 def test_op_refuses_bad_master_lists_before_writing(op_name):
     if op_name.startswith("triton"):
         assert fused_opt.ops.triton_reason() is None

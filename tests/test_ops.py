@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import fused_opt
+from cases import INTERPRETER, ON_GPU
 
 
 def _lists(n, size, dtype=torch.float32):
@@ -47,11 +47,9 @@ def _to(device, value):
     return value
 
 
-INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
-GPU = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 VARIANTS = [pytest.param("", "cpu", id="cpu"), pytest.param("cuda_sim_", "cpu", id="cuda_sim"),
             pytest.param("triton_", "cpu", id="triton-interpreter", marks=INTERPRETER),
-            pytest.param("", "cuda", id="cuda", marks=GPU), pytest.param("triton_", "cuda", id="triton-cuda", marks=GPU)]
+            pytest.param("", "cuda", id="cuda", marks=ON_GPU), pytest.param("triton_", "cuda", id="triton-cuda", marks=ON_GPU)]
 
 
 @pytest.mark.parametrize("prefix,device", VARIANTS)

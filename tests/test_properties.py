@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_opt
+from cases import INTERPRETER, ON_GPU
 
-AVAILABLE = [b for b, why in fused_opt.available_backends().items() if why is None]
-BACKENDS = [b for b in AVAILABLE if b not in ("cuda", "triton")]  # for CPU tensors, compiled
+# For CPU tensors: the compiled kernels and the reference (Triton's interpreter has its own test).
+BACKENDS = [b for b, why in fused_opt.available_backends().items() if why is None and b not in ("cuda", "triton")]
 # (rtol, atol) of a backend in this dtype against float64, after 3 steps.
 TOLERANCE = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-10, 1e-12), torch.bfloat16: (4e-2, 4e-2)}
 
@@ -48,7 +49,7 @@ def test_matches_float64_reference(shapes, config, dtype, backend, seed):
 
 
 # The interpreter runs a launch in ~0.1 s: fewer examples, the same space.
-@pytest.mark.skipif(torch.cuda.is_available() or "triton" not in AVAILABLE, reason="Triton's interpreter (no GPU)")
+@INTERPRETER
 @_settings(60)
 @given(**cases)
 def test_triton_interpreter_matches_float64_reference(shapes, config, dtype, seed):
@@ -56,9 +57,7 @@ def test_triton_interpreter_matches_float64_reference(shapes, config, dtype, see
 
 
 # Each new option set compiles a Triton kernel (a second or so), inside gpu_check.sh's minutes.
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=ON_GPU) for b in ("cuda", "triton")])
 @_settings(30)
 @given(**cases)
 def test_gpu_backends_match_float64_reference(backend, shapes, config, dtype, seed):

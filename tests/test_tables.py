@@ -6,12 +6,12 @@ follow the same trajectory, params and every state tensor."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 import fused_opt
+from cases import INTERPRETER
 
 SHAPES = [(7,), (3, 5), (), (4097,), (2, 2)]
 ALGOS = {
@@ -25,8 +25,7 @@ ALGOS = {
 
 # The CPU kernels run from the table; for the CUDA kernels (here their traversal simulated on the
 # CPU, the same host code) and for Triton the table hands its addresses to the launch.
-BACKENDS = ["cpu", "cuda_sim", pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                                    reason="needs TRITON_INTERPRET=1"))]
+BACKENDS = ["cpu", "cuda_sim", pytest.param("triton", marks=INTERPRETER)]
 
 
 class Pair:

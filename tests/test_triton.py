@@ -14,8 +14,9 @@ import torch
 
 import fused_opt
 from fused_opt import dispatch
+from cases import INTERPRETER
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = INTERPRETER
 HERE = os.path.dirname(__file__)
 
 

@@ -7,13 +7,13 @@ values given as numbers (exactly equal: the values are exact in float32), and ag
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
 import fused_opt
+from cases import INTERPRETER
 
 # Exact in float32, zero among them (the kernels then leave p and g alone), coupled and decoupled.
 SCHEDULE = [0.5, 0.25, 0.0, 0.125, 0.375, 0.0625]
@@ -25,8 +25,7 @@ ALGOS = {
     "sgd-nesterov": (fused_opt.SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
 }
 BACKENDS = ["cpu", "reference", "cuda_sim",
-            pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                             reason="needs TRITON_INTERPRET=1"))]
+            pytest.param("triton", marks=INTERPRETER)]
 
 
 def _params(seed=0):
@@ -135,8 +134,7 @@ def test_a_weight_decay_tensor_must_hold_one_element():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_sim",
-                                     pytest.param("triton", marks=pytest.mark.skipif(
-                                         os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"))])
+                                     pytest.param("triton", marks=INTERPRETER)])
 def test_the_op_refuses_a_weight_decay_tensor_of_two_elements_before_writing(backend):
     from fused_opt import dispatch
 
