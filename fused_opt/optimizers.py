@@ -54,6 +54,18 @@ def _check_lr(lr) -> None:
     _check_range("learning rate", lr)
 
 
+def _check_betas(betas) -> tuple:
+    """torch.optim.Adam's checks and wording. Tensor betas (one element each) are kept, as torch
+    keeps them, and read at every step, so a schedule may change them in place."""
+    for i, b in enumerate(betas):
+        if isinstance(b, Tensor) and b.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        _check_range(f"beta parameter at index {i}", b, 0.0, 1.0)
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    return tuple(b.squeeze() if isinstance(b, Tensor) else float(b) for b in betas)
+
+
 def _check_weight_decay(weight_decay) -> None:
     """A Tensor weight decay is read by the kernels at every step (see functional.py), like a Tensor lr."""
     if isinstance(weight_decay, Tensor) and weight_decay.numel() != 1:
@@ -260,9 +272,15 @@ class FusedOptimizer(Optimizer):
         # the captured step's bias correction forever.
         if torch.compiler.is_compiling() or not torch.cuda.is_available():
             return
-        if torch.cuda.is_current_stream_capturing() and not all(g.get("capturable", True) for g in self.param_groups):
+        if not torch.cuda.is_current_stream_capturing():
+            return
+        if not all(g.get("capturable", True) for g in self.param_groups):
             raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} "
                                "but param_groups' capturable is False.")
+        # The kernels take betas as numbers, read from Tensor betas at each step: a graph would keep one.
+        if any(isinstance(b, Tensor) for g in self.param_groups for b in g.get("betas", ())):
+            raise RuntimeError(f"fused_opt.{type(self).__name__}: Tensor betas are read on the host at each step, "
+                               "which a CUDA graph cannot replay; use float betas to capture step()")
 
     def _options(self, group: dict) -> dict:
         """The group's hyperparameters as the functional API's keyword arguments (but lr)."""
@@ -290,10 +308,8 @@ class Adam(FusedOptimizer):
                  master_weights: bool = False) -> None:
         _check_lr(lr)
         _check_range("epsilon value", eps)
-        _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
-        _check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
+        betas = _check_betas(betas)
         _check_weight_decay(weight_decay)
-        betas = tuple(float(b) for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
@@ -327,6 +343,11 @@ class Adam(FusedOptimizer):
 
     def _options(self, group):
         beta1, beta2 = group["betas"]
+        if isinstance(beta1, Tensor) or isinstance(beta2, Tensor):  # their values now (see _check_betas)
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"fused_opt.{type(self).__name__}: Tensor betas are read on the host at each "
+                                   "step, which a compiled step cannot do; use float betas under torch.compile")
+            beta1, beta2 = float(beta1), float(beta2)
         return dict(super()._options(group), amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     decoupled_weight_decay=group["decoupled_weight_decay"])
 

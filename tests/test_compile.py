@@ -91,3 +91,17 @@ def test_compiled_step_with_master_weights(backend):
             assert opt.state[q]["master_param"].dtype == opt.state[q]["exp_avg"].dtype == torch.float32
             torch.testing.assert_close(opt.state[q]["master_param"], eager.state[p]["master_param"], rtol=0, atol=0)
     assert counter.frame_count == frames_after_warmup
+
+
+def test_tensor_betas_are_refused_clearly_under_compile():
+    # The kernels take betas as numbers, read from Tensor betas on the host in eager mode only.
+    torch._dynamo.reset()
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = fused_opt.Adam(model.parameters(), lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.99)),
+                         backend="cpu")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(Exception, match="Tensor betas are read on the host at each step, which a compiled step"):
+        torch.compile(opt.step, fullgraph=True)()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not opt.state

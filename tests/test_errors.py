@@ -16,7 +16,8 @@ INVALID = [
     ("RMSprop", {"alpha": -0.1}), ("RMSprop", {"momentum": -0.1}), ("RMSprop", {"eps": -1.0}),
     ("SGD", {"lr": -0.1}), ("SGD", {"momentum": -0.5}), ("SGD", {"weight_decay": -1.0}),
     ("SGD", {"nesterov": True}), ("SGD", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}),
-    ("Adam", {"lr": torch.tensor([0.1, 0.2])}),
+    ("Adam", {"lr": torch.tensor([0.1, 0.2])}), ("Adam", {"betas": (0.9, torch.tensor(0.99))}),
+    ("AdamW", {"betas": (torch.tensor(0.9), 0.99)}), ("Adam", {"betas": (torch.tensor(1.0), torch.tensor(0.99))}),
 ]
 
 
@@ -28,6 +29,12 @@ def test_invalid_hyperparameters_match_torch(name, kwargs):
     with pytest.raises(type(theirs.value)) as ours:
         getattr(fused_opt, name)(p, **kwargs)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_tensor_betas_of_two_elements_are_refused():
+    # torch.optim means to say this too, but its range check fails first, on a tensor's truth value.
+    with pytest.raises(ValueError, match=r"Tensor betas\[1\] must be 1-element"):
+        fused_opt.Adam([torch.zeros(3, requires_grad=True)], betas=(torch.tensor(0.9), torch.tensor([0.9, 0.99])))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -182,3 +189,16 @@ def test_a_graph_capture_with_host_step_counters_is_refused(monkeypatch, name, k
         assert torch.equal(p, torch.linspace(-1, 1, 7)) and not opt.state  # nothing written
     else:
         assert error is None and torch.equal(p, q)
+
+
+def test_a_graph_capture_with_tensor_betas_is_refused(monkeypatch):
+    """The kernels take betas as numbers, read from Tensor betas at each step, which a replayed graph
+    would not do: refused before anything is written (capture faked on the CPU, as above)."""
+    p = torch.linspace(-1, 1, 7, requires_grad=True)
+    p.grad = torch.ones(7)
+    opt = fused_opt.Adam([p], capturable=True, betas=(torch.tensor(0.9), torch.tensor(0.99)), backend="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="Tensor betas are read on the host at each step"):
+        opt.step()
+    assert torch.equal(p, torch.linspace(-1, 1, 7)) and not opt.state

@@ -43,3 +43,36 @@ def test_scheduler_trajectory_matches_torch(algo, name, tensor_lr):
         for p, q in zip(ours_p, theirs_p):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert len(set(lrs)) > 3  # the schedule really moved lr
+
+
+@pytest.mark.parametrize("algo", ["Adam", "AdamW"])
+def test_tensor_betas_changed_in_place_match_torch(algo):
+    """Tensor betas stay Tensors in param_groups (as torch.optim keeps them) and are read at every
+    step: changed in place by a schedule, they take effect like torch.optim's, and exactly as their
+    (float32) values given as numbers."""
+    schedule = [(0.9, 0.999), (0.8, 0.99), (0.85, 0.995), (0.5, 0.9), (0.7, 0.98), (0.75, 0.999)]
+    runs = {}
+    for impl in ("torch", "tensor", "float"):
+        params = make_params("mixed", torch.float32)
+        betas = tuple(torch.tensor(b) for b in schedule[0]) if impl != "float" else schedule[0]
+        cls = getattr(torch.optim, algo) if impl == "torch" else getattr(fused_opt, algo)
+        opt = cls(params, lr=0.01, betas=betas, amsgrad=True, **({"foreach": False} if impl == "torch" else {}))
+        for step, (b1, b2) in enumerate(schedule, start=1):
+            group = opt.param_groups[0]
+            if impl == "float":  # the tensors' float32 values
+                group["betas"] = (float(torch.tensor(b1)), float(torch.tensor(b2)))
+            else:
+                group["betas"][0].fill_(b1)
+                group["betas"][1].fill_(b2)
+            for p, g in zip(params, make_grads(params, step)):
+                p.grad = g.float()
+            opt.step()
+        runs[impl] = (params, opt)
+    assert all(isinstance(b, torch.Tensor) for b in runs["tensor"][1].param_groups[0]["betas"])
+    for (p, q, r) in zip(runs["torch"][0], runs["tensor"][0], runs["float"][0]):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            theirs, ours, floats = (run[1].state[x][key] for run, x in zip(runs.values(), (p, q, r)))
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            assert torch.equal(ours, floats), key
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        assert torch.equal(q, r)
