@@ -95,7 +95,9 @@ def test_graph_replay_matches_eager(config):
     (fused_opt.AdamW, {"backend": "triton", "capturable": True}, "cannot be captured in a CUDA graph"),
     (fused_opt.AdamW, {"backend": "cuda"}, "capturable is False"),  # host step counters: torch's error
     (fused_opt.RMSprop, {"backend": "cuda", "momentum": 0.9}, "capturable is False"),
-], ids=["triton", "adamw-host-steps", "rmsprop-host-steps"])
+    (fused_opt.Adam, {"backend": "cuda", "capturable": True,  # read on the host at each step
+                      "betas": (torch.tensor(0.9), torch.tensor(0.99))}, "Tensor betas are read on the host"),
+], ids=["triton", "adamw-host-steps", "rmsprop-host-steps", "tensor-betas"])
 def test_a_capture_that_cannot_replay_is_refused_and_writes_nothing(opt_cls, kwargs, error):
     p = torch.ones(1000, device="cuda", requires_grad=True)
     opt = opt_cls([p], lr=0.01, **kwargs)
