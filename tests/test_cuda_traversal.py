@@ -120,18 +120,20 @@ def _check_plan(numels, plan, max_tensors, max_blocks):
     seen = []
     for i, (count, launch) in enumerate(plan):
         tensors = len({addr for addr, *_ in launch})
-        assert 1 <= count <= max_blocks, f"launch {i} was given {count} blocks"
+        assert count >= 1, f"launch {i} is empty"
+        assert count <= max_blocks, f"launch {i} was given {count} blocks"
         assert count == len(launch), f"launch {i}: {count} blocks given, {len(launch)} readable"
         assert tensors <= max_tensors, f"launch {i} holds {tensors} tensors"
         if i + 1 < len(plan):
             assert count == max_blocks or tensors == max_tensors, f"launch {i} left room ({count} blocks, {tensors} tensors)"
         for addr, master_addr, numel, step, chunk in launch:
             t = addr // 128 - 1
-            assert addr == 128 * (t + 1) and master_addr == addr + 8 * 5
-            assert numel == numels[t] and step == t
+            assert addr == 128 * (t + 1) and master_addr == addr + 8 * 5, f"launch {i}: wrong addresses {addr}, {master_addr}"
+            assert numel == numels[t], f"launch {i}: tensor {t} has numel {numel}, not {numels[t]}"
+            assert step == t, f"launch {i}: tensor {t} has step {step}, not {t}"
             seen.append((t, chunk))
     expected = [(t, c) for t, n in enumerate(numels) for c in range(-(-n // CHUNK))]
-    assert seen == expected
+    assert seen == expected, f"chunks covered {seen[:8]}..., expected {expected[:8]}..."
 
 
 def _block(numels, t, chunk):
@@ -150,23 +152,32 @@ def test_a_small_plan_is_packed_as_worked_out_by_hand():
     _check_plan(numels, plan, 2, 2)  # and the check below accepts it (it rejects each bad variant)
 
 
-BAD_PLANS = {  # for numels [3, CHUNK + 1] at bounds (2 tensors, 2 blocks); each breaks one rule
-    "empty launch": lambda b: [(2, [b(0, 0), b(1, 0)]), (1, [b(1, 1)]), (0, [])],
-    "over-full launch": lambda b: [(3, [b(0, 0), b(1, 0), b(1, 1)])],
-    "blocks given but not readable": lambda b: [(2, [b(0, 0)]), (2, [b(1, 0), b(1, 1)])],
-    "launch left room": lambda b: [(1, [b(0, 0)]), (2, [b(1, 0), b(1, 1)])],
-    "chunk missing": lambda b: [(2, [b(0, 0), b(1, 0)])],
-    "chunk twice": lambda b: [(2, [b(0, 0), b(1, 0)]), (2, [b(1, 0), b(1, 1)])],
-    "wrong numel": lambda b: [(2, [b(0, 0), b(1, 0)[:2] + (7,) + b(1, 0)[3:]]), (1, [b(1, 1)])],
+# For numels [3, CHUNK + 1] at bounds (2 tensors, 2 blocks) unless given: each plan breaks one rule,
+# and the check must reject it for that rule (its message), not for another.
+BAD_PLANS = {
+    "empty launch": (lambda b: [(0, []), (2, [b(0, 0), b(1, 0)]), (1, [b(1, 1)])], "launch 0 is empty"),
+    "over-full launch": (lambda b: [(3, [b(0, 0), b(1, 0), b(1, 1)])], "launch 0 was given 3 blocks"),
+    "too many tensors": (lambda b: [(2, [b(0, 0), b(1, 0)]), (1, [b(1, 1)])], "launch 0 holds 2 tensors", (1, 2)),
+    "blocks given but not readable": (lambda b: [(2, [b(0, 0)]), (2, [b(1, 0), b(1, 1)])],
+                                      "launch 0: 2 blocks given, 1 readable"),
+    "launch left room": (lambda b: [(1, [b(0, 0)]), (2, [b(1, 0), b(1, 1)])], "launch 0 left room"),
+    "wrong address": (lambda b: [(2, [b(0, 0), b(1, 0)[:1] + (0,) + b(1, 0)[2:]]), (1, [b(1, 1)])],
+                      "launch 0: wrong addresses"),
+    "wrong numel": (lambda b: [(2, [b(0, 0), b(1, 0)[:2] + (7,) + b(1, 0)[3:]]), (1, [b(1, 1)])],
+                    "launch 0: tensor 1 has numel 7"),
+    "wrong step": (lambda b: [(2, [b(0, 0), b(1, 0)]), (1, [b(1, 1)[:3] + (5.0,) + b(1, 1)[4:]])],
+                   "launch 1: tensor 1 has step 5.0"),
+    "chunk missing": (lambda b: [(2, [b(0, 0), b(1, 0)])], "chunks covered"),
+    "chunk twice": (lambda b: [(2, [b(0, 0), b(1, 0)]), (2, [b(1, 0), b(1, 1)])], "chunks covered"),
 }
 
 
 @pytest.mark.parametrize("bad", BAD_PLANS)
 def test_the_plan_check_rejects_each_kind_of_bad_plan(bad):
     numels = [3, CHUNK + 1]
-    plan = BAD_PLANS[bad](lambda t, c: _block(numels, t, c))
-    with pytest.raises(AssertionError):
-        _check_plan(numels, plan, 2, 2)
+    build, message, *bounds = BAD_PLANS[bad]
+    with pytest.raises(AssertionError, match=message):
+        _check_plan(numels, build(lambda t, c: _block(numels, t, c)), *(bounds[0] if bounds else (2, 2)))
 
 
 @pytest.mark.parametrize("layout", ["gpt-1b", "10000x4096", "mixed"])
