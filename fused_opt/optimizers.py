@@ -381,7 +381,8 @@ class RMSprop(FusedOptimizer):
 
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float | Tensor = 0, momentum: float = 0, centered: bool = False,
-                 capturable: bool = False, foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
+                 capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, *,
                  l1: float = 0.0, l1_mode: str = "subgradient", backend: str = "auto",
                  skip_nonfinite: bool = False, master_weights: bool = False) -> None:
         _check_lr(lr)

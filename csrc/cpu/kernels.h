@@ -72,7 +72,11 @@ struct Slots {
 // straight-line SIMD code. Slots 0-1 hold scalar_t, the states state_t (float32 with master
 // weights, else scalar_t), the master copy float32.
 template <typename scalar_t, int Mask, typename Fn>
-void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& fn) {
+void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& fn_ref) {
+  // A local copy of fn and the coefficients it holds: the stores below go through may-alias vector
+  // types, after which the compiler would reload every coefficient and flag through a reference
+  // each iteration (measured: bf16 Adam 14% slower than torch's fused kernel).
+  const Fn fn = fn_ref;
   using Vec = at::vec::Vectorized<scalar_t>;
   using opmath_t = at::opmath_type<scalar_t>;
   using OVec = at::vec::Vectorized<opmath_t>;
@@ -149,7 +153,7 @@ void run_masked(const Launch& launch, const std::vector<Coeffs>& coeffs, const U
       const TensorJob& job = launch.tensors[chunk.tensor];
       const Coeffs& coeff = coeffs[chunk.tensor];
       for_each_element<scalar_t, Mask>(job.ptr, chunk.begin, chunk.end - chunk.begin,
-                                       [&](auto& x) FUSED_OPT_INLINE { update(x, coeff); });
+                                       [&update, coeff](auto& x) FUSED_OPT_INLINE { update(x, coeff); });
     }
   };
   const int64_t n = static_cast<int64_t>(launch.chunks.size());
