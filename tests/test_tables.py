@@ -178,7 +178,7 @@ ACTIONS = st.one_of(
 )
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim", pytest.param("triton", marks=INTERPRETER)])
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(algo=st.sampled_from(list(ALGOS)), actions=st.lists(ACTIONS, min_size=1, max_size=12))
 def test_any_sequence_of_changes_is_followed(backend, algo, actions):
