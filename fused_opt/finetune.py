@@ -8,7 +8,7 @@ The report puts side by side the validation accuracy and loss per epoch, the lar
 between the two training-loss curves, the median optimizer-step and training-step times, and the
 peak memory. Writes report.json, report.md and PNG plots under --out.
 
-    fused-opt finetune --quick                 # a few minutes on a CPU: 1 epoch at 32 tokens
+    fused-opt finetune --quick                 # a few minutes on a CPU: 1 epoch at 32 tokens, 4 a batch
     fused-opt finetune --algorithm sgd --l1 1e-4 --l1-mode proximal --epochs 3 --out runs/sgd
 """
 
@@ -465,8 +465,8 @@ def parse(argv=None) -> tuple[Config, str, bool]:
     ap.add_argument("--l1", type=float, default=0.0)
     ap.add_argument("--l1-mode", default="subgradient", choices=("subgradient", "proximal"))
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", default="16", help="an integer, 'auto' (the largest that fits), or "
-                    "'random:MIN:MAX' (a new size each step, lr rescaled)")
+    ap.add_argument("--batch-size", default=None, help="an integer, 'auto' (the largest that fits), or "
+                    "'random:MIN:MAX' (a new size each step, lr rescaled); default 16, 4 with --quick")
     ap.add_argument("--effective-batch", type=int, default=None, help="accumulate gradients up to this many")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--schedule", default="linear", choices=("constant", "linear", "exponential"))
@@ -483,7 +483,7 @@ def parse(argv=None) -> tuple[Config, str, bool]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory-budget-mb", type=float, default=None)
     ap.add_argument("--impls", nargs="+", default=["torch", "fused_opt"], choices=("torch", "fused_opt"))
-    ap.add_argument("--quick", action="store_true", help="1 epoch at 32 tokens: a few minutes on a CPU")
+    ap.add_argument("--quick", action="store_true", help="1 epoch at 32 tokens, 4 a batch: a few minutes on a CPU")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="finetune-out")
     ap.add_argument("--assets", default=None, help="read the model and corpus from this folder (see --pack-assets)")
@@ -492,7 +492,11 @@ def parse(argv=None) -> tuple[Config, str, bool]:
     a = ap.parse_args(argv)
     default_lr = {"adamw": 5e-5, "adam": 5e-5, "rmsprop": 1e-4, "sgd": 1e-2}[a.algorithm]
     lr = "auto" if a.lr == "auto" else float(a.lr or default_lr)
-    batch = a.batch_size if not a.batch_size.isdigit() else int(a.batch_size)
+    # --quick: 4 a batch, so that its one epoch takes enough steps (389) to converge: over seeds 0-2,
+    # test accuracy 0.973, 0.952, 0.973 (validation loss ~0.19), against 0.955, 0.943, 0.928 (~0.53)
+    # at 16 a batch, in about the same time on 2 CPU cores.
+    batch_arg = a.batch_size or ("4" if a.quick else "16")
+    batch = batch_arg if not batch_arg.isdigit() else int(batch_arg)
     if isinstance(batch, str) and batch != "auto":
         RandomBatchSizes.parse(batch)  # a clear error now rather than after loading the model
     cfg = Config(algorithm=a.algorithm, lr=lr, weight_decay=a.weight_decay, l1=a.l1,

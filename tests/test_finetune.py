@@ -91,3 +91,15 @@ def test_packed_assets_give_the_same_data_and_the_weights_rounded_to_float16(tmp
         expected = value.half().float() if value.is_floating_point() and "classifier" not in name else value
         assert torch.equal(widened[name], expected), name
     assert any(not torch.equal(widened[n], original[n]) for n in original)  # the rounding is real
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], dict(batch_size=16, epochs=3, max_length=128)),
+    (["--quick"], dict(batch_size=4, epochs=1, max_length=32)),
+    (["--quick", "--batch-size", "8"], dict(batch_size=8, epochs=1, max_length=32)),
+    (["--batch-size", "auto"], dict(batch_size="auto", epochs=3, max_length=128)),
+])
+def test_command_line_defaults(argv, expected):
+    cfg, _, quick, _ = finetune.parse(argv)
+    assert quick == ("--quick" in argv)
+    assert {key: getattr(cfg, key) for key in expected} == expected
