@@ -178,10 +178,7 @@ ACTIONS = st.one_of(
 )
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda_sim", pytest.param("triton", marks=INTERPRETER)])
-@settings(max_examples=100, deadline=None, derandomize=True)
-@given(algo=st.sampled_from(list(ALGOS)), actions=st.lists(ACTIONS, min_size=1, max_size=12))
-def test_any_sequence_of_changes_is_followed(backend, algo, actions):
+def _follow_a_sequence(backend, algo, actions):
     """The scenarios above one at a time miss how they combine: here random sequences of steps
     (some params without grads), hyperparameter edits, checkpoints and the scenarios' changes."""
     pair = Pair(algo, backend=backend)
@@ -206,6 +203,23 @@ def test_any_sequence_of_changes_is_followed(backend, algo, actions):
             can_save = can_save and name != "param-replaced-in-group"
     pair.step()
     pair.check(atol=1e-5)
+
+
+SEQUENCES = dict(algo=st.sampled_from(list(ALGOS)), actions=st.lists(ACTIONS, min_size=1, max_size=12))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(**SEQUENCES)
+def test_any_sequence_of_changes_is_followed(backend, algo, actions):
+    _follow_a_sequence(backend, algo, actions)
+
+
+@INTERPRETER
+@settings(max_examples=40, deadline=None, derandomize=True)  # ~0.4 s a sequence in the interpreter
+@given(**SEQUENCES)
+def test_any_sequence_of_changes_is_followed_on_triton(algo, actions):
+    _follow_a_sequence("triton", algo, actions)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

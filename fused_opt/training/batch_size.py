@@ -18,25 +18,58 @@ class OutOfMemory(RuntimeError):
     """A trial step needed more memory than allowed."""
 
 
+# CPU PeakMemory blocks now open (nesting, threads): one resets the process's high-water mark only
+# after folding the mark so far into the others' highs, so none of them loses its peak.
+_OPEN: set["PeakMemory"] = set()
+_LOCK = threading.Lock()
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux: VmRSS, VmHWM) in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Linux 4.0+: sets the process's resident-set high-water mark (VmHWM) to its current size."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """Peak memory of the code in its `with` block, in bytes above what was in use at entry.
 
-    CUDA: the allocator's own peak. CPU: the process's resident set, sampled every `interval`
-    seconds by a background thread (Linux /proc; elsewhere ru_maxrss, a process-wide high mark).
+    CUDA: the allocator's own peak. CPU, on Linux: the kernel's high-water mark of the process's
+    resident set (VmHWM), reset at entry, so even a temporary that lives a millisecond counts;
+    that reset also lowers what getrusage's ru_maxrss reports for the process afterwards. Where
+    the mark cannot be reset, it still counts when the block sets a new high for the process, and
+    a background thread samples the resident set every `interval` seconds (elsewhere ru_maxrss, a
+    process-wide high mark), which can miss a short-lived peak.
     """
 
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
         self.device, self.interval = torch.device(device), interval
         self.peak = 0
+        self._exact = False
+        self._thread = None
 
     @staticmethod
     def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            import resource
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = _status_bytes("VmRSS")
+        if rss is not None:
+            return rss
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -44,28 +77,43 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        self._base = self._rss()
-        self._high = self._base
-        self._running = True
+        with _LOCK:
+            mark = _status_bytes("VmHWM")
+            if mark is not None and _reset_high_water_mark():
+                for other in _OPEN:
+                    if other._exact:
+                        other._high = max(other._high, mark)
+                self._exact = True
+            self._base = self._high = self._rss()
+            self._mark_at_entry = _status_bytes("VmHWM")
+            _OPEN.add(self)
+        if not self._exact:
+            self._running = True
 
-        def sample():
-            while self._running:
-                self._high = max(self._high, self._rss())
-                time.sleep(self.interval)
+            def sample():
+                while self._running:
+                    self._high = max(self._high, self._rss())
+                    time.sleep(self.interval)
 
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
+            return False
+        if self._thread is not None:
             self._running = False
             self._thread.join()
+        with _LOCK:
+            _OPEN.discard(self)
+            mark = _status_bytes("VmHWM")
+            if mark is not None and (self._exact or mark > (self._mark_at_entry or 0)):
+                self._high = max(self._high, mark)  # the high since entry (or a new high set in the block)
             self._high = max(self._high, self._rss())
-            self.peak = self._high - self._base
+        self.peak = self._high - self._base
         return False
 
 
