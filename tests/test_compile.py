@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) of a function that calls opt.step(), on every CPU backend: same
-trajectory as eager, and a Tensor lr changed by an LR scheduler causes no recompilation."""
+"""torch.compile(fullgraph=True) of a function that calls opt.step(), on every backend (the GPU ones
+when a GPU is present): same trajectory as eager, and a Tensor lr changed by an LR scheduler causes
+no recompilation."""
 
 from __future__ import annotations
 
@@ -9,36 +10,43 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import fused_opt
-from cases import INTERPRETER
+from cases import INTERPRETER, ON_GPU
 
 # No UserWarning either: neither "scheduler stepped before optimizer" nor any from dynamo.
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")
 
-BACKENDS = ["cpu", "reference", "cuda_sim",
-            pytest.param("triton", marks=INTERPRETER)]
+# (backend, device of the params, device of the Tensor lr): on the GPU, lr on the device (as in a
+# captured step) or on the host (the usual `lr=torch.tensor(...)`).
+BACKENDS = [pytest.param(("cpu", "cpu", "cpu"), id="cpu"), pytest.param(("reference", "cpu", "cpu"), id="reference"),
+            pytest.param(("cuda_sim", "cpu", "cpu"), id="cuda_sim"),
+            pytest.param(("triton", "cpu", "cpu"), marks=INTERPRETER, id="triton")]
+BACKENDS += [pytest.param((backend, "cuda", lr_device), marks=ON_GPU, id=f"{backend}-gpu-lr-{lr_device}")
+             for backend in ("cuda", "triton") for lr_device in ("cuda", "cpu")]
 ALGOS = {"AdamW": {"l1": 0.01, "l1_mode": "proximal"}, "RMSprop": {"momentum": 0.9, "centered": True},
          "SGD": {"momentum": 0.9, "nesterov": True, "l1": 0.001}}
 
 
-def _model(seed=0):
+def _model(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(device)
 
 
 def _grads(model, step):
     g = torch.Generator().manual_seed(step)
     model.zero_grad()
-    model(torch.randn(5, 6, generator=g)).pow(2).mean().backward()
+    x = torch.randn(5, 6, generator=g).to(next(model.parameters()).device)
+    model(x).pow(2).mean().backward()
 
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_step_matches_eager_without_recompiling(backend, algo):
+    backend, device, lr_device = backend
     torch._dynamo.reset()
-    eager_model, compiled_model = _model(), _model()
-    kwargs = dict(lr=torch.tensor(0.01), backend=backend, **ALGOS[algo])
+    eager_model, compiled_model = _model(device=device), _model(device=device)
+    kwargs = dict(lr=torch.tensor(0.01, device=lr_device), backend=backend, **ALGOS[algo])
     eager = getattr(fused_opt, algo)(eager_model.parameters(), **kwargs)
-    opt = getattr(fused_opt, algo)(compiled_model.parameters(), **{**kwargs, "lr": torch.tensor(0.01)})
+    opt = getattr(fused_opt, algo)(compiled_model.parameters(), **{**kwargs, "lr": torch.tensor(0.01, device=lr_device)})
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (eager, opt)]
     counter = CompileCounter()
 
