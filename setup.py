@@ -42,6 +42,22 @@ def include_dirs() -> list:
     return dirs
 
 
+def loaded_runtimes(*names) -> list:
+    """Link arguments naming the runtime libraries this process already runs with (`import torch`
+    loaded them: libstdc++.so.6, and torch's own libgomp.so.1), so the extensions share them. A GCC
+    unpacked beside the system's can ship only static archives (the lent H200's image does): the
+    extension then carried a private copy of the C++ runtime, whose iostreams GCC 13 never
+    initialises, and formatting a number into an error message crashed the process; a private
+    OpenMP runtime would add a second thread pool. Given before the compiler's own -lstdc++ and
+    -lgomp, these supply every symbol they have; elsewhere they are what those flags find anyway."""
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = sorted({line.split()[-1] for line in maps if "/" in line})
+    except OSError:  # not Linux
+        return []
+    return [next(p for p in loaded if f"/{name}" in p) for name in names if any(f"/{name}" in p for p in loaded)]
+
+
 def sources(*patterns) -> list:
     return sorted(os.path.relpath(f, ROOT) for p in patterns for f in glob.glob(os.path.join(ROOT, "csrc", p)))
 
@@ -51,10 +67,10 @@ ext_modules = []
 if os.environ.get("FUSED_OPT_CPU", "1") == "1":
     ext_modules.append(cpp_extension.CppExtension(
         "fused_opt._C", sources("cpu/*.cpp"), include_dirs=include_dirs(), extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"]))
+        extra_link_args=["-fopenmp"] + loaded_runtimes("libstdc++.so", "libgomp")))
 if want_cuda():
     ext_modules.append(cpp_extension.CUDAExtension(
         "fused_opt._C_cuda", sources("module.cpp", "cuda/*.cu"), include_dirs=include_dirs(),
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=loaded_runtimes("libstdc++.so")))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})

@@ -31,35 +31,40 @@ CHUNK = 65536  # csrc/include/fused_opt/multi_tensor.h kChunk
 
 
 def tensors(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
-    g = torch.Generator(device=device).manual_seed(0)
+    """The same values on any device: drawn on the host, then copied there."""
+    g = torch.Generator().manual_seed(0)
     sizes = [0, 1, 7, 8, 9, CHUNK - 1, CHUNK + 3, 5 * CHUNK + 17]
-    out = [torch.randn(n, device=device, dtype=dtype, generator=g) for n in sizes]
-    out.append(torch.randn(1001, device=device, dtype=dtype, generator=g)[1:])  # storage offset 1: unaligned
+    host = [torch.randn(n, dtype=dtype, generator=g) for n in sizes]
+    unaligned = torch.randn(1001, dtype=dtype, generator=g)
     # More tensors than a launch holds (256 on the GPU, 32 in the CPU simulation).
-    out += [torch.randn(33, device=device, dtype=dtype, generator=g) for _ in range(260)]
+    host += [torch.randn(33, dtype=dtype, generator=g) for _ in range(260)]
+    out = [t.to(device, copy=True) for t in host]
+    out.insert(len(sizes), unaligned.to(device, copy=True)[1:])  # storage offset 1: not 16-byte aligned
     return [t.requires_grad_() for t in out]
 
 
 def run(backend: str, opt_cls, kwargs: dict, dtype: torch.dtype, master: bool, device: str, steps: int = 3) -> float:
-    """Largest difference from the reference backend, relative to each param's largest magnitude."""
-    base = tensors(dtype, device)
-    params = {name: [p.detach().clone().requires_grad_() for p in base] for name in (backend, "reference")}
-    opts = {name: opt_cls(ps, lr=torch.tensor(1e-2, device=device), backend=name, master_weights=master,
-                          **{"weight_decay": torch.tensor(0.01, device=device), **kwargs})
-            for name, ps in params.items()}
+    """Largest difference from the reference backend (on the host: under memcheck only the kernels
+    being checked run on the GPU), relative to each param's largest magnitude."""
+    where = {backend: device, "reference": "cpu"}
+    params = {name: tensors(dtype, at) for name, at in where.items()}
+    assert params[backend][len(params[backend]) - 261].storage_offset() == 1
+    opts = {name: opt_cls(params[name], lr=torch.tensor(1e-2, device=at), backend=name, master_weights=master,
+                          **{"weight_decay": torch.tensor(0.01, device=at), **kwargs})
+            for name, at in where.items()}
     worst = 0.0
     for step in range(steps):
-        g = torch.Generator(device=device).manual_seed(step)
-        grads = [torch.randn(p.shape, device=device, dtype=dtype, generator=g) for p in base]
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, dtype=dtype, generator=g) for p in params["reference"]]
         for name, opt in opts.items():
             for p, gr in zip(params[name], grads):
-                p.grad = gr.clone()
-            opt.grad_scale = torch.tensor(2.0, device=device)  # GradScaler's protocol, as it sets them
-            opt.found_inf = torch.tensor(float(step == 1), device=device)  # step 1 is skipped
+                p.grad = gr.to(where[name], copy=True)
+            opt.grad_scale = torch.tensor(2.0, device=where[name])  # GradScaler's protocol, as it sets them
+            opt.found_inf = torch.tensor(float(step == 1), device=where[name])  # step 1 is skipped
             opt.step()
     for p, q in zip(params[backend], params["reference"]):
         if p.numel():
-            worst = max(worst, ((p.float() - q.float()).abs().max() / (q.float().abs().max() + 1e-6)).item())
+            worst = max(worst, ((p.cpu().float() - q.float()).abs().max() / (q.float().abs().max() + 1e-6)).item())
     return worst
 
 

@@ -1,7 +1,8 @@
 """Triton block size and warps, measured (bench/gpu_check.sh runs it on the lent GPU): fp32 Adam
 steps on the 1B-param GPT list and on 10,000 x 4,096, for each (elements per program, warps),
-next to the CUDA backend, in one run. The data behind fused_opt/triton/launch.py's BLOCK and
-NUM_WARPS for the device (no autotuning at run time: it would rerun an in-place update).
+next to the CUDA backend and launch.py's own choice, in one run. The data behind
+fused_opt/triton/launch.py's block_size rule and NUM_WARPS (no autotuning at run time: it would
+rerun an in-place update).
 
     python3 bench/triton_blocks.py OUT_DIR        # writes triton-blocks.json and .md there
 """
@@ -40,28 +41,29 @@ def step_ms(opt) -> float:
 def main(out: str) -> int:
     ceiling = benchmark.ceiling_bandwidth(1 << 28, REPS, "cuda")
     rows = []
-    defaults = (launch.BLOCK["cuda"], launch.NUM_WARPS)
+    default_warps = launch.NUM_WARPS
     for name, shapes in LISTS.items():
         g = torch.Generator(device="cuda").manual_seed(0)
         params = [torch.randn(s, device="cuda", generator=g).requires_grad_() for s in shapes]
         for p in params:
             p.grad = torch.randn(p.shape, device="cuda", generator=g) * 1e-3
         numel = sum(p.numel() for p in params)
-        runs = [("cuda", None, None)] + [("triton", b, w) for b, w in CONFIGS]
+        chosen = launch.block_size(torch.tensor([p.numel() for p in params]), torch.device("cuda"))
+        runs = [("cuda", None, None), ("triton", None, None)] + [("triton", b, w) for b, w in CONFIGS]
         for backend, block, warps in runs:
-            if block is not None:
-                launch.BLOCK["cuda"], launch.NUM_WARPS = block, warps
-                launch._PLANS.clear()  # plans are cut for one block size
+            launch.block_override, launch.NUM_WARPS = block, warps or default_warps
             ms = step_ms(fused_opt.Adam(params, lr=1e-4, backend=backend))
             gbps = 28 * numel / (ms / 1e3) / 1e9
+            if backend == "triton" and block is None:
+                backend, block, warps = "triton (launch.py's choice)", chosen, default_warps
             rows.append({"params": name, "backend": backend, "block": block, "warps": warps, "ms": ms, "gbps": gbps,
                          "fraction_of_ceiling": gbps * 1e9 / ceiling})
             print(f"{name} {backend} block={block} warps={warps}: {ms:.3f} ms, {gbps:.0f} GB/s", flush=True)
             torch.cuda.empty_cache()
         del params
         torch.cuda.empty_cache()
-    launch.BLOCK["cuda"], launch.NUM_WARPS = defaults
-    report = {"machine": benchmark.machine("cuda"), "ceiling_gbps": ceiling / 1e9, "defaults": defaults, "rows": rows}
+    launch.block_override, launch.NUM_WARPS = None, default_warps
+    report = {"machine": benchmark.machine("cuda"), "ceiling_gbps": ceiling / 1e9, "rows": rows}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "triton-blocks.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -133,3 +133,19 @@ def test_a_cuda_graph_capture_is_refused_before_anything_is_written(monkeypatch)
 def test_auto_never_picks_the_interpreter_for_cpu_params():
     assert dispatch.select("triton", torch.device("cpu"), torch.float32).name == "triton"
     assert dispatch.select("auto", torch.device("cpu"), torch.float32).name == "cpu"
+
+
+def test_block_size_follows_the_measured_rule(monkeypatch):
+    # launch.py's rule from the H200 sweep: 1024 elements a program for large tensors, 2048 for
+    # small ones; a fixed size under the interpreter; the sweep's override wins.
+    from fused_opt.triton import launch
+    gpu, host = torch.device("cuda"), torch.device("cpu")
+    gpt_like = torch.tensor([50257 * 2048, 2048, 2048 * 8192, 2048])  # mean far above 64K
+    many_small = torch.full((10000,), 4096)
+    assert launch.block_size(gpt_like, gpu) == 1024
+    assert launch.block_size(many_small, gpu) == 2048
+    assert launch.block_size(torch.full((3,), launch.LARGE_TENSOR), gpu) == 1024
+    assert launch.block_size(torch.full((3,), launch.LARGE_TENSOR - 1), gpu) == 2048
+    assert launch.block_size(gpt_like, host) == launch.BLOCK_INTERPRETED == 4096
+    monkeypatch.setattr(launch, "block_override", 8192)
+    assert launch.block_size(many_small, gpu) == 8192

@@ -31,8 +31,14 @@ from .. import ops
 from ..functional import is_dense
 from . import kernels
 
-BLOCK = {"cuda": 2048, "cpu": 4096}
+# Elements per program, from bench/triton_blocks.py on an H200 (bench/results/h200-2026-11-30/):
+# fp32 Adam on the 1B-param GPT list ran at 0.91 of the copy bandwidth with 1024 elements and 4
+# warps, 0.84 with 2048 (8192 with 4 warps: 0.50); on 10,000 tensors of 4,096, where launching and
+# checking dominate, 2048 took 4.1 ms and 1024 7.9. Hence 1024 where the tensors average 64K
+# elements or more, else 2048. Under the CPU interpreter, 4096: fewer programs to interpret.
+BLOCK_LARGE_TENSORS, BLOCK_SMALL_TENSORS, LARGE_TENSOR, BLOCK_INTERPRETED = 1024, 2048, 1 << 16, 4096
 NUM_WARPS = 4
+block_override: int | None = None  # set by bench/triton_blocks.py's sweep
 SLOTS = 6  # param, grad, up to three states, the master copy (csrc/cpu/launch.h)
 _KEPT_ROWS = [0, 2, 3, 4, 5]  # the rows that do not change from step to step (all but the grads')
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
@@ -59,11 +65,20 @@ class _Plan:
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
 
 
+def block_size(numels: Tensor, device: torch.device) -> int:
+    """Elements per program for tensors of these sizes on this device (see BLOCK_LARGE_TENSORS)."""
+    if device.type != "cuda":
+        return BLOCK_INTERPRETED
+    if block_override is not None:
+        return block_override
+    return BLOCK_LARGE_TENSORS if numels.double().mean() >= LARGE_TENSOR else BLOCK_SMALL_TENSORS
+
+
 def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
     """The device pointer table and block map for this pointer table (int64 [SLOTS, n] on the
     CPU; its grads' row does not count) and these numels: cached, least recently used dropped."""
-    block = BLOCK[device.type]
-    key = (device, table[_KEPT_ROWS].numpy().tobytes(), numels.numpy().tobytes())
+    block = block_size(numels, device)
+    key = (device, block, table[_KEPT_ROWS].numpy().tobytes(), numels.numpy().tobytes())
     found = _PLANS.get(key)
     if found is not None:
         _PLANS.move_to_end(key)
