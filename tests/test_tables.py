@@ -157,6 +157,39 @@ def test_tables_notice_every_change(algo, scenario, backend):
     assert tables.fast_steps - before >= 2  # a table is rebuilt after the change
 
 
+# Changes to one tensor of a large group: its tensors are checked in parallel chunks of 256, so
+# a change seen only by the last chunk must still make the table decline.
+DEEP_CHANGES = {
+    "param-storage-replaced": lambda opt, params, i: setattr(params[i], "data", params[i].data * 2 + 1),
+    "state-storage-replaced": lambda opt, params, i: setattr(opt.state[params[i]]["exp_avg"], "data",
+                                                             torch.full_like(params[i], 0.5)),
+    "state-tensor-replaced": lambda opt, params, i: opt.state[params[i]].update(exp_avg_sq=torch.full_like(params[i], 0.25)),
+    "step-counter-replaced": lambda opt, params, i: opt.state[params[i]].update(step=torch.tensor(50.0)),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+@pytest.mark.parametrize("change", DEEP_CHANGES)
+def test_a_change_deep_in_a_large_group_is_noticed(change, backend):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pair = Pair("adam", shapes=[(3,)] * 1100, backend=backend)
+        pair.step()
+        pair.step()
+        assert pair.fast_steps == 1
+        for opt, params in pair.both():
+            DEEP_CHANGES[change](opt, params, 1090)
+        pair.step()
+        pair.check()
+        assert pair.fast_steps == 1  # the table declined; the ordinary path took the step
+        pair.step()
+        pair.check()
+        assert pair.fast_steps == 2  # and the rebuilt table takes the next
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _save_checkpoint(pair):
     pair.saved = {id(opt): copy.deepcopy(opt.state_dict()) for opt, _ in pair.both()}
 
