@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fused_opt
+from cases import ON_GPU
 
 
 def _pair(algo, **kwargs):
@@ -20,7 +21,7 @@ def _pair(algo, **kwargs):
 
 def _loss(model, seed):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(8, 6, generator=g)
+    x = torch.randn(8, 6, generator=g).to(next(model.parameters()).device)
     return model(x).pow(2).mean()
 
 
@@ -98,13 +99,21 @@ def test_l1_proximal_gives_exact_zeros():
     assert (p == 0).all()
 
 
+# (device, backend): on the GPU the scaler hands grad_scale and found_inf to the CUDA and Triton kernels.
+SCALER_BACKENDS = [pytest.param(("cpu", "auto"), id="cpu"),
+                   pytest.param(("cuda", "cuda"), marks=ON_GPU, id="cuda-gpu"),
+                   pytest.param(("cuda", "triton"), marks=ON_GPU, id="triton-gpu")]
+
+
+@pytest.mark.parametrize("where", SCALER_BACKENDS)
 @pytest.mark.parametrize("algo", ["Adam", "RMSprop", "SGD"])
-def test_grad_scaler_unscales_inside_the_step(algo):
-    model, twin = _pair(algo)
+def test_grad_scaler_unscales_inside_the_step(algo, where):
+    device, backend = where
+    model, twin = (m.to(device) for m in _pair(algo))
     extra = {"momentum": 0.9} if algo != "Adam" else {}
-    ours = getattr(fused_opt, algo)(model.parameters(), lr=0.01, **extra)
+    ours = getattr(fused_opt, algo)(model.parameters(), lr=0.01, backend=backend, **extra)
     theirs = getattr(torch.optim, algo)(twin.parameters(), lr=0.01, foreach=False, **extra)
-    s_ours, s_theirs = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    s_ours, s_theirs = (torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2))
     for step in range(4):
         for m, opt, scaler in ((model, ours, s_ours), (twin, theirs, s_theirs)):
             opt.zero_grad()
