@@ -63,10 +63,12 @@ class _Group:
         self.lists[master_at] = _master_list(self.lists[master_at])
         self.write_back: list[tuple[Tensor, Tensor]] = []
         slots = [k for k in range(len(mutable)) if self.lists[k]]
-        # Nothing to fix: everything contiguous and real.
-        if not dtype.is_complex and all(all(map(Tensor.is_contiguous, self.lists[k])) for k in slots):
-            return
-        for j in range(len(self.lists[0])):
+        if dtype.is_complex:  # every row becomes real views
+            rows = range(len(self.lists[0]))
+        else:  # only the rows with a tensor that is not contiguous (map and zip: no Python loop per tensor)
+            contiguous = zip(*(map(Tensor.is_contiguous, self.lists[k]) for k in slots))
+            rows = [j for j, row in enumerate(contiguous) if not all(row)]
+        for j in rows:
             row = [self.lists[k][j] for k in slots]
             if dtype.is_complex:
                 row = [torch.view_as_real(t) for t in row]
