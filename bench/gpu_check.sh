@@ -3,7 +3,7 @@
 # with all cores, check that it shares the process's C++ runtime and survives odd layouts (a few
 # seconds), then run the stages in STAGES' order while BUDGET seconds (default 480) last:
 #   tests-cuda    pytest -m cuda on the CUDA kernels (the case table, traversal and launch counts,
-#                 master weights, CUDA graphs, checkpoints, compile; pytest-xdist when it is there)
+#                 master weights, CUDA graphs, checkpoints, compile, AMP; pytest-xdist when it is there)
 #   tests-triton  pytest -m cuda on the Triton kernels
 #   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096)
 #   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
@@ -85,13 +85,14 @@ for backend in ('cuda', 'triton'):
 print('a sliced param steps on cuda and triton')" >>"$OUT/smoke.log" 2>&1
 stamp "smoke: runtimes linked rc=$linked, odd layouts rc=$? ($(tail -n 1 "$OUT/smoke.log"))"
 
-# Eight workers share the GPU, each with two CPU threads (sixteen each oversubscribed the cores:
-# the float64 references on the host ran 10x slower); the Triton cases are mostly compile time.
-parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+# One pytest worker per core, each with one CPU thread, share the GPU: the cases are mostly host
+# work (float64 references, Triton compiles); eight workers of sixteen threads each once
+# oversubscribed the cores and ran the references 10x slower.
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)" || echo "")
 PYTEST_ARGS="-q -p no:cacheprovider --tb=short -rfE --durations=10 $parallel"
 pytest_stage() {  # pytest_stage <name> <seconds> <-k expression>
   stamp "GPU tests: $1 ${parallel:-(serial: no pytest-xdist)}"
-  OMP_NUM_THREADS=2 timeout $(limit $2) python3 -m pytest $PYTEST_ARGS -m cuda -k "$3" tests >"$OUT/$1.log" 2>&1
+  OMP_NUM_THREADS=1 timeout $(limit $2) python3 -m pytest $PYTEST_ARGS -m cuda -k "$3" tests >"$OUT/$1.log" 2>&1
   ended $1 $? "$(tail -n 1 "$OUT/$1.log")"
   failures $1
 }
