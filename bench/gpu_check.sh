@@ -89,7 +89,9 @@ stamp "smoke: runtimes linked rc=$linked, odd layouts rc=$? ($(tail -n 1 "$OUT/s
 # work (float64 references, Triton compiles); eight workers of sixteen threads each once
 # oversubscribed the cores and ran the references 10x slower.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)" || echo "")
-PYTEST_ARGS="-q -p no:cacheprovider --tb=short -rfE --durations=10 $parallel"
+# A hung case fails alone (pytest-timeout, where installed) instead of taking the stage's minutes.
+per_case=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90" || echo "")
+PYTEST_ARGS="-q -p no:cacheprovider --tb=short -rfE --durations=10 $parallel $per_case"
 pytest_stage() {  # pytest_stage <name> <seconds> <-k expression>
   stamp "GPU tests: $1 ${parallel:-(serial: no pytest-xdist)}"
   OMP_NUM_THREADS=1 timeout $(limit $2) python3 -m pytest $PYTEST_ARGS -m cuda -k "$3" tests >"$OUT/$1.log" 2>&1
