@@ -194,14 +194,24 @@ def _coefficients(device: torch.device, opmath: torch.dtype, lr, grad_scale: Ten
     where = lr.device if isinstance(lr, Tensor) and lr.device.type != "cpu" else torch.device("cpu")
     coef = torch.tensor(a, dtype=torch.float64, device=where) + _lr64(lr, where) * torch.tensor(
         b, dtype=torch.float64, device=where)
-    coef = coef.to(device)
+    coef = _to_device(coef, device)
     if weight_decay is not None:
-        wd = weight_decay.to(device, torch.float64).reshape(())
+        wd = _to_device(weight_decay, device, torch.float64).reshape(())
         coef[kernels.WEIGHT_DECAY.value] = wd
         coef[kernels.DECAY.value] = 1.0 - _lr64(lr, device) * wd
     if grad_scale is not None:
-        coef[kernels.GRAD_MUL.value] = coef[kernels.GRAD_MUL.value] / grad_scale.to(device, torch.float64).reshape(())
+        scale = _to_device(grad_scale, device, torch.float64).reshape(())
+        coef[kernels.GRAD_MUL.value] = coef[kernels.GRAD_MUL.value] / scale
     return coef.to(opmath)
+
+
+def _to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """t on `device`. From the host to a GPU through pinned memory, without blocking: a plain copy
+    from pageable memory waits for the stream, so each step would stall the host until the GPU had
+    caught up (torch's pinned-memory cache keeps the buffer until the copy is done)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.to(dtype or t.dtype).pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype or t.dtype)
 
 
 def _lr64(lr, device: torch.device) -> Tensor | float:
@@ -222,14 +232,14 @@ def _flags(o: dict, grad_scale, weight_decay: Tensor | None = None) -> dict:
 
 def _step_values(steps: list[Tensor], device: torch.device) -> Tensor:
     try:  # one call, as the counters usually share a device and shape
-        return torch.stack(steps).reshape(-1).to(device, torch.float64)
+        return _to_device(torch.stack(steps).reshape(-1), device, torch.float64)
     except RuntimeError:
-        return torch.stack([x.reshape(()).to(device, torch.float64) for x in steps])
+        return torch.stack([_to_device(x.reshape(()), device, torch.float64) for x in steps])
 
 
 def _adam_per_tensor(s: Tensor, lr, device: torch.device, opmath: torch.dtype, beta1: float, beta2: float) -> Tensor:
     """[neg_step_size, bias_correction2_sqrt] per tensor, from each tensor's (advanced) step `s`."""
-    s = s.to(device, torch.float64)
+    s = _to_device(s, device, torch.float64)
     neg_step = -(_lr64(lr, device) / (1.0 - torch.pow(beta1, s)))
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
     return torch.stack([neg_step, bc2_sqrt], dim=1).to(opmath).flatten()
