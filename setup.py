@@ -23,7 +23,11 @@ CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-Wn
 ARCHS = [a for a in os.environ.get("FUSED_OPT_CUDA_ARCHS", "80;90").split(";") if a]
 if any(not re.fullmatch(r"\d+[af]?", a) or int(a.rstrip("af")) < 70 for a in ARCHS):
     raise SystemExit(f"FUSED_OPT_CUDA_ARCHS={';'.join(ARCHS)}: give compute capabilities of 70 or later, e.g. 80;90")
-NVCC_FLAGS = ["-O3", "-lineinfo", "--fmad=false"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+# Machine code for each, and PTX of the newest plain one, which the driver compiles for later GPUs
+# (Blackwell and on) at first use. fused_opt/fatbin.py reads the list back to pick a backend.
+PTX = max((a for a in ARCHS if a.isdigit()), key=int, default=None)
+NVCC_FLAGS = ["-O3", "-lineinfo", "--fmad=false"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS] + (
+    [f"-gencode=arch=compute_{PTX},code=compute_{PTX}"] if PTX else [])
 
 
 def want_cuda() -> bool:

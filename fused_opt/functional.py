@@ -183,6 +183,11 @@ def _l1_kwargs(l1: float, l1_mode: str) -> dict:
     return {"l1": float(l1), "l1_proximal": l1_mode == "proximal"}
 
 
+# What a kernel may raise once its checks have passed, having possibly written something: the
+# slow path's retry would apply the step twice to what was written.
+_FAILED_AFTER_CHECKS = (torch.OutOfMemoryError, torch.AcceleratorError)
+
+
 def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, grad_scale, found_inf) -> None:
     """Calls the family's op once per (device, dtype) group of params.
 
@@ -208,6 +213,8 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
         try:
             kernel(*call, **_scalar_kwargs(kwargs, lr, first.device), grad_scale=grad_scale, found_inf=found_inf)
             return
+        except _FAILED_AFTER_CHECKS:
+            raise  # a launch or allocation failed, maybe after some tensors were written: never retry
         except RuntimeError:
             pass
     for (device, dtype), indices in _groups(params).items():

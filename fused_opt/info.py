@@ -7,7 +7,15 @@ import platform
 import torch
 
 import fused_opt
-from fused_opt import dispatch
+from fused_opt import dispatch, fatbin, ops
+
+
+def _cuda_code() -> str:
+    """The GPU architectures the CUDA extension has code for (fatbin.py), or why there is none."""
+    why = ops.load_extensions()["fused_opt._C_cuda"]
+    if why is not None:
+        return f"none ({why})"
+    return ", ".join(map(str, fatbin.images(ops.cuda_module().__file__))) or "none found"
 
 
 def report() -> str:
@@ -15,6 +23,7 @@ def report() -> str:
              f"python {platform.python_version()} on {platform.machine()}",
              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
              f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+             f"CUDA extension code: {_cuda_code()}",
              "backends:"]
     for backend in dispatch.BACKENDS:
         why = backend.unavailable()

@@ -98,3 +98,27 @@ def test_info_says_which_tensors_each_backend_takes(monkeypatch):
         assert info.report().count("triton     available for cuda/cpu tensors") == 1
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert info.report().count("triton     available for cuda tensors") == 1
+
+
+@pytest.mark.parametrize("gpu,capability,picked", [
+    ("Tesla T4", (7, 5), "triton"),  # no code for sm_75 in the default build: auto takes Triton
+    ("NVIDIA L4", (8, 9), "cuda"),  # sm_80 machine code runs there
+    ("NVIDIA B200", (10, 0), "cuda"),  # compute_90 PTX, compiled by the driver
+])
+def test_auto_takes_cuda_only_on_a_gpu_the_extension_has_code_for(monkeypatch, gpu, capability, picked):
+    """Simulated GPUs: the CUDA extension's own list of code images (fatbin.py) against each GPU's
+    compute capability; on a GPU it has no code for, backend="cuda" says how to rebuild."""
+    if ops.load_extensions()["fused_opt._C_cuda"] is not None or fused_opt.ops.triton_reason() is not None:
+        pytest.skip("needs the CUDA extension built and Triton installed")
+    props = type("Props", (), {"name": gpu, "major": capability[0], "minor": capability[1]})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    dispatch.clear_cache()
+    try:
+        assert dispatch.select("auto", torch.device("cuda"), torch.float32).name == picked
+        if picked == "triton":
+            with pytest.raises(RuntimeError, match=r"holds code for sm_80, sm_90, compute_90 \(PTX\), not for this GPU \(Tesla T4, "
+                                                   r"sm_75\); rebuild it for this GPU with: FUSED_OPT_CUDA_ARCHS=75"):
+                dispatch.select("cuda", torch.device("cuda"), torch.float32)
+    finally:
+        dispatch.clear_cache()

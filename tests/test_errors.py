@@ -202,3 +202,32 @@ def test_a_graph_capture_with_tensor_betas_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="Tensor betas are read on the host at each step"):
         opt.step()
     assert torch.equal(p, torch.linspace(-1, 1, 7)) and not opt.state
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, torch.AcceleratorError])
+def test_a_kernel_failing_after_its_checks_is_not_retried(monkeypatch, error):
+    # The functional layer retries a refused call on its slow path; a launch or allocation failure
+    # may come after some tensors were written, and a retry would step them twice.
+    from fused_opt import dispatch
+
+    calls = []
+    real_select = dispatch.select
+
+    class Failing:  # the selected backend, whose kernels raise `error` after doing their work
+        def __init__(self, backend):
+            self.backend, self.name = backend, backend.name
+
+        def kernel(self, family):
+            def run(*args, **kwargs):
+                calls.append(family)
+                self.backend.kernel(family)(*args, **kwargs)
+                raise error("launch failed")
+            return run
+
+    monkeypatch.setattr(dispatch, "select", lambda *args: Failing(real_select(*args)))
+    p = torch.zeros(5, requires_grad=True)
+    p.grad = torch.arange(5.0)
+    with pytest.raises(error, match="launch failed"):
+        fused_opt.SGD([p], lr=1.0, backend="cpu").step()
+    assert calls == ["sgd"]
+    assert torch.equal(p.detach(), -torch.arange(5.0))  # stepped once

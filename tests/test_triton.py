@@ -87,6 +87,36 @@ def test_found_inf_on_the_params_device_masks_the_launch_and_keeps_the_steps():
         assert all(torch.equal(opt.state[p][k], v) for k, v in s.items())
 
 
+@pytest.mark.parametrize("path", ["op", "table"])
+@pytest.mark.parametrize("capturable", [False, True], ids=["host-steps", "device-steps"])
+def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable, monkeypatch):
+    # A kernel that fails to compile (say, out of shared memory on a smaller GPU) raises at its
+    # first launch, after the step counters were advanced: they are put back.
+    from triton.runtime.errors import OutOfResources
+
+    launch = _launch()
+    params, opt = _adam(capturable=capturable)
+    _step(params, opt)
+    if path == "op":
+        opt._tables = fused_opt.tables.Tables()  # forgets the group's table: the next step takes the op
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+    class FailsToCompile:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise OutOfResources(300000, 232448, "shared memory")
+            return run
+
+    monkeypatch.setattr(launch.kernels, "step_kernel", FailsToCompile())
+    with pytest.raises(OutOfResources):
+        _step(params, opt)
+    for p, b, s in zip(params, before, state):
+        assert torch.equal(p, b)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in s.items())
+        assert opt.state[p]["step"].item() == 1
+
+
 @pytest.mark.parametrize("checks", ["c++", "python"])
 def test_bad_input_gets_the_ops_error_before_any_write(checks, monkeypatch):
     launch = _launch()

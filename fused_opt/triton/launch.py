@@ -11,9 +11,8 @@ used dropped) and reused while those addresses and sizes are unchanged; only the
 rewritten each call. The optimizers' cached group tables (fused_opt/tables.py) skip the per-call
 checks and packing and call `execute` directly.
 
-Block size: 2048 elements a program on a GPU (16 float32 a thread at 4 warps: four 16-byte
-loads per slot), 4096 under the interpreter (fewer, larger numpy steps). Not yet tuned on a
-GPU; autotuning is left out on purpose, as it would rerun an in-place update.
+Block size: from a sweep on an H200 (see BLOCK_LARGE_TENSORS below), 4096 under the interpreter
+(fewer, larger numpy steps). Autotuning is left out on purpose: it would rerun an in-place update.
 """
 
 from __future__ import annotations
@@ -285,26 +284,40 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     values = advance_host_steps() if advance_host_steps is not None and steps and not found_here else None
     if values is None and steps:
         torch._foreach_add_(steps, 1.0)
+    try:  # the kernel reads the steps' values, not the counters: a failure here (a compile error,
+        # an allocation) puts the counters back, so that the step raises with nothing changed
+        _launch(family, plan, grad_ptrs, device, dtype, steps, values, lr_tensor if lr_tensor is not None else lr,
+                grad_scale, found_inf if found_here else None, options, weight_decay_tensor)
+    except BaseException:
+        if steps:
+            torch._foreach_sub_(steps, 1.0)
+        raise
+    if steps and found_here:
+        torch._foreach_sub_(steps, found_inf)
+
+
+def _launch(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
+            steps: list[Tensor], values: Tensor | None, lr, grad_scale: Tensor | None, found_inf: Tensor | None,
+            options: dict, weight_decay_tensor: Tensor | None) -> None:
+    """execute's scalars and launch, after the step counters were advanced (`values`: their new
+    values when known on the host)."""
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    lr = lr_tensor if lr_tensor is not None else lr
     terms, flags = _spec(family, options)
     coef = _coefficients(device, opmath, lr, grad_scale, options, terms, weight_decay_tensor)
     per_tensor = coef
     if family == "adam":
         values = _step_values(steps, device) if values is None else values
         per_tensor = _adam_per_tensor(values, lr, device, opmath, options["beta1"], options["beta2"])
-    if steps and found_here:
-        torch._foreach_sub_(steps, found_inf)
     if plan.blocks == 0:  # only empty tensors
         return
     plan.table[1].copy_(grad_ptrs, non_blocking=True)
     aligned = plan.aligned and bool((grad_ptrs % 16 == 0).all())
     family_flags = [flags[name] for name in kernels.FAMILY_FLAGS[family]] + [False] * 3
     kernels.step_kernel[(plan.blocks,)](
-        plan.table, plan.numels, plan.block_tensor, plan.block_start, found_inf if found_here else coef, coef,
+        plan.table, plan.numels, plan.block_tensor, plan.block_start, coef if found_inf is None else found_inf, coef,
         per_tensor, len(grad_ptrs), BLOCK_FN=kernels.BLOCKS[family], DTYPE=_TL_DTYPES[dtype],
         STATE=tl.float32 if plan.master else _TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], MASTER=plan.master,
-        BLOCK=plan.block, ALIGNED=aligned, HAS_FOUND_INF=found_here,
+        BLOCK=plan.block, ALIGNED=aligned, HAS_FOUND_INF=found_inf is not None,
         **_flags(options, grad_scale, weight_decay_tensor), F1=family_flags[0], F2=family_flags[1], F3=family_flags[2],
         num_warps=NUM_WARPS)
 
