@@ -2,9 +2,9 @@
 # The checks that need a GPU, for one call on a lent machine (the device tool): build the extension
 # with all cores, check that it shares the process's C++ runtime and survives odd layouts (a few
 # seconds), then run the stages in STAGES' order while BUDGET seconds (default 480) last:
-#   tests-cuda    pytest -m cuda on the CUDA kernels (the case table, traversal and launch counts,
-#                 master weights, CUDA graphs, checkpoints, compile, AMP; pytest-xdist when it is there)
-#   tests-triton  pytest -m cuda on the Triton kernels
+#   tests         pytest -m cuda: the GPU tests of both backends in one pytest-xdist run (the case
+#                 table, traversal and launch counts, master weights, CUDA graphs, checkpoints,
+#                 compile, AMP); tests-cuda and tests-triton run one backend's share each
 #   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096)
 #   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
 #   blocks        a sweep of the Triton block size and warps (bench/triton_blocks.py)
@@ -22,7 +22,8 @@
 # is over the 64 MiB a call may carry: --pack-assets stores the weights in float16 (51 MB in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${STAGES:-tests-cuda tests-triton bench sanitizer blocks finetune}
+# The block sweep and the fine-tune ran on 2026-11-30 (bench/results/h200-2026-11-30/): last.
+STAGES=${STAGES:-tests bench sanitizer blocks finetune}
 BOX=${OUT:-$PWD/out}
 OUT=$BOX/gpu-check
 rm -rf "$OUT" "$BOX/gpu-check.tar.gz"; mkdir -p "$OUT"
@@ -30,6 +31,7 @@ pack() { tar -czf "$BOX/gpu-check.tar.gz" -C "$BOX" gpu-check && cp "$OUT/summar
 trap pack EXIT
 trap 'stamp "stopped by a signal"; exit 143' TERM INT
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export FUSED_OPT_CUDA_ARCHS=${FUSED_OPT_CUDA_ARCHS:-90}  # the H200's only (tests/test_build.py checks the build)
 source scripts/cuda_home.sh
 t0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - t0))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -49,7 +51,7 @@ failures() {  # the first failures, in the output the device tool returns
 stamp "build (CUDA_HOME=${CUDA_HOME:-?}, $(nproc) cores)"
 # The CPU and CUDA modules side by side (each is a few large files), in their own build folders.
 build() {  # build <module: cpu|cuda> <FUSED_OPT_CPU> <FUSED_OPT_CUDA>
-  FUSED_OPT_CPU=$2 FUSED_OPT_CUDA=$3 FUSED_OPT_CUDA_ARCHS="${FUSED_OPT_CUDA_ARCHS:-90}" MAX_JOBS=$(nproc) \
+  FUSED_OPT_CPU=$2 FUSED_OPT_CUDA=$3 MAX_JOBS=$(nproc) \
     python3 setup.py build_ext --inplace --build-temp "build/temp-$1" >"$OUT/build-$1.log" 2>&1
 }
 if [ -n "${SKIP_BUILD:-}" ] && ls fused_opt/_C.*.so fused_opt/_C_cuda.*.so >/dev/null 2>&1; then
@@ -87,7 +89,7 @@ stamp "smoke: runtimes linked rc=$linked, odd layouts rc=$odd ($(tail -n 1 "$OUT
 if [ $odd -ge 128 ]; then  # a crash: every test with such a param would crash too; say why, skip the tests
   { echo "--- the compiler's C++ runtime: $(g++ -print-file-name=libstdc++.so) $(g++ -print-file-name=libstdc++.a)"
     for so in fused_opt/_C*.so; do echo "--- $so"; ldd "$so" | grep -E "stdc|gomp|torch_cpu"; done; } | tee -a "$OUT/smoke.log"
-  STAGES=$(echo " $STAGES " | sed 's/ tests-cuda / /; s/ tests-triton / /')
+  STAGES=$(echo " $STAGES " | sed 's/ tests / /; s/ tests-cuda / /; s/ tests-triton / /')
   stamp "smoke crashed: GPU tests skipped, stages left:$STAGES"
 fi
 
@@ -98,13 +100,14 @@ parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)" || echo "
 # A hung case fails alone (pytest-timeout, where installed) instead of taking the stage's minutes.
 per_case=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90" || echo "")
 PYTEST_ARGS="-q -p no:cacheprovider --tb=short -rfE --durations=10 $parallel $per_case"
-pytest_stage() {  # pytest_stage <name> <seconds> <-k expression>
+pytest_stage() {  # pytest_stage <name> <seconds> [-k expression]
   stamp "GPU tests: $1 ${parallel:-(serial: no pytest-xdist)}"
-  OMP_NUM_THREADS=1 timeout $(limit $2) python3 -m pytest $PYTEST_ARGS -m cuda -k "$3" tests >"$OUT/$1.log" 2>&1
+  OMP_NUM_THREADS=1 timeout $(limit $2) python3 -m pytest $PYTEST_ARGS -m cuda ${3:+-k "$3"} tests >"$OUT/$1.log" 2>&1
   ended $1 $? "$(tail -n 1 "$OUT/$1.log")"
   failures $1
 }
 
+stage_tests() { pytest_stage tests 300; }
 stage_tests-cuda() { pytest_stage tests-cuda 150 "not triton"; }
 stage_tests-triton() { pytest_stage tests-triton 150 "triton"; }
 
