@@ -43,6 +43,21 @@ def tensors(dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     return [t.requires_grad_() for t in out]
 
 
+def on_device(grads: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """Copies of `grads` on `device` in one copy (each a call under the sanitizer, and without the
+    caching allocator a cudaMalloc): slices of one buffer, each starting on 16 bytes as the
+    allocator's own tensors do, so the kernels' aligned paths are the ones checked."""
+    offsets, total = [], 0
+    for g in grads:
+        offsets.append(total)
+        total += -(-g.numel() // 16) * 16
+    flat = torch.zeros(total, dtype=grads[0].dtype)
+    for g, at in zip(grads, offsets):
+        flat[at:at + g.numel()] = g.flatten()
+    flat = flat.to(device)
+    return [flat[at:at + g.numel()].view(g.shape) for g, at in zip(grads, offsets)]
+
+
 def run(backend: str, opt_cls, kwargs: dict, dtype: torch.dtype, master: bool, device: str, steps: int = 3) -> float:
     """Largest difference from the reference backend (on the host: under memcheck only the kernels
     being checked run on the GPU), relative to each param's largest magnitude."""
@@ -57,8 +72,8 @@ def run(backend: str, opt_cls, kwargs: dict, dtype: torch.dtype, master: bool, d
         g = torch.Generator().manual_seed(step)
         grads = [torch.randn(p.shape, dtype=dtype, generator=g) for p in params["reference"]]
         for name, opt in opts.items():
-            for p, gr in zip(params[name], grads):
-                p.grad = gr.to(where[name], copy=True)
+            for p, gr in zip(params[name], on_device(grads, where[name])):
+                p.grad = gr
             opt.grad_scale = torch.tensor(2.0, device=where[name])  # GradScaler's protocol, as it sets them
             opt.found_inf = torch.tensor(float(step == 1), device=where[name])  # step 1 is skipped
             opt.step()
