@@ -56,6 +56,11 @@ def _cuda_device_reason(device: torch.device) -> str | None:
 def _triton_device_reason(device: torch.device) -> str | None:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "runs on cpu tensors only under TRITON_INTERPRET=1 (Triton's interpreter, for tests)"
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        if props.major < 7:  # as torch.compile's own check of the GPUs Triton compiles for
+            return (f"Triton compiles for GPUs of compute capability 7.0 or later, not for this one "
+                    f"({props.name}, sm_{props.major}{props.minor})")
     return None
 
 

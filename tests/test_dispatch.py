@@ -104,6 +104,7 @@ def test_info_says_which_tensors_each_backend_takes(monkeypatch):
     ("Tesla T4", (7, 5), "triton"),  # no code for sm_75 in the default build: auto takes Triton
     ("NVIDIA L4", (8, 9), "cuda"),  # sm_80 machine code runs there
     ("NVIDIA B200", (10, 0), "cuda"),  # compute_90 PTX, compiled by the driver
+    ("Tesla P100", (6, 0), "reference"),  # too old for Triton too: the reference, with a warning
 ])
 def test_auto_takes_cuda_only_on_a_gpu_the_extension_has_code_for(monkeypatch, gpu, capability, picked):
     """Simulated GPUs: the CUDA extension's own list of code images (fatbin.py) against each GPU's
@@ -115,7 +116,14 @@ def test_auto_takes_cuda_only_on_a_gpu_the_extension_has_code_for(monkeypatch, g
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     dispatch.clear_cache()
     try:
-        assert dispatch.select("auto", torch.device("cuda"), torch.float32).name == picked
+        if picked == "reference":
+            with pytest.warns(RuntimeWarning, match=r"slow pure-PyTorch reference .*not for this GPU \(Tesla P100"):
+                assert dispatch.select("auto", torch.device("cuda"), torch.float32).name == picked
+            with pytest.raises(RuntimeError, match=r"compute capability 7.0 or later, not for this one \(Tesla P100, "
+                                                   r"sm_60\)"):
+                dispatch.select("triton", torch.device("cuda"), torch.float32)
+        else:
+            assert dispatch.select("auto", torch.device("cuda"), torch.float32).name == picked
         if picked == "triton":
             with pytest.raises(RuntimeError, match=r"holds code for sm_80, sm_90, compute_90 \(PTX\), not for this GPU \(Tesla T4, "
                                                    r"sm_75\); rebuild it for this GPU with: FUSED_OPT_CUDA_ARCHS=75"):
