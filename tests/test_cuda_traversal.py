@@ -287,3 +287,42 @@ def test_the_plan_of_tensors_over_2_31_elements():
 
     numels = [HUGE, 3, 2**32 + CHUNK + 1]
     _check_plan(numels, launch_plan(numels), GPU_MAX_TENSORS, GPU_MAX_BLOCKS)
+
+
+@pytest.mark.parametrize("path", ["op", "table"])
+@pytest.mark.parametrize("counters", ["device", "host"])
+def test_a_failed_launch_leaves_params_and_state_untouched(path, counters):
+    """A GPU launch can fail before it runs (an invalid configuration, say) and raises at once;
+    the step counters advanced before it are put back, so the step raises with nothing changed,
+    and the functional layer does not retry it on its slow path. Float32 counters take the
+    device-counter path in cuda_sim, float64 ones the host path."""
+    from fused_opt._C import set_failing_sim_launches
+
+    dtype = torch.float32 if counters == "device" else torch.float64
+    params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in (5, 70000, 3)]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the step counters' dtype follows it, as in torch.optim
+    try:
+        opt = fused_opt.Adam(params, lr=0.1, backend="cuda_sim", amsgrad=True)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    finally:
+        torch.set_default_dtype(default)
+    assert opt.state[params[0]]["step"].dtype == dtype
+    if path == "op":
+        opt._tables = fused_opt.tables.Tables()  # forgets the group's table: the next step takes the op
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    set_failing_sim_launches(1)
+    try:
+        with pytest.raises(RuntimeError, match="simulated launch failure"):
+            opt.step()
+    finally:
+        set_failing_sim_launches(0)
+    for p, b, s in zip(params, before, state):
+        assert torch.equal(p, b)
+        for key, value in s.items():
+            assert torch.equal(opt.state[p][key], value), key
+    opt.step()  # and the next step runs
+    assert all(opt.state[p]["step"].item() == 2 for p in params)

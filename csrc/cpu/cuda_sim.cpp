@@ -4,11 +4,17 @@
 // tests check the chunking, index math and vector-load paths of the CUDA code without a GPU.
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "fused_opt/mta_ops.h"
 #include "fused_opt/registration.h"
 
 namespace fused_opt::mta {
 namespace {
+
+// Launches that the tests make fail (set_failing_sim_launches): a GPU launch can fail before it
+// runs (an invalid configuration, say) and raises at once.
+std::atomic<int> failing_launches{0};
 
 struct SimRunner {
   // Launches smaller than the GPU's (32 tensors, 320 blocks), so that tests with CPU-sized tensors
@@ -29,6 +35,11 @@ struct SimRunner {
 
   template <typename scalar_t, bool Master, typename Family>
   static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
+    if (failing_launches.load() > 0) {
+      --failing_launches;
+      throw c10::AcceleratorError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, 1,
+                                  "cuda_sim: a simulated launch failure");
+    }
     for (int b = 0; b < blocks; ++b) {
       for (int t = 0; t < kThreads; ++t) process_block<scalar_t, Master>(meta, s, family, b, t, kThreads);
     }
@@ -40,6 +51,8 @@ struct SimRunner {
 void sim_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o) {
   table_step<SimRunner>(family, a, o);
 }
+
+void set_failing_sim_launches(int count) { failing_launches = count; }
 
 }  // namespace fused_opt::mta
 

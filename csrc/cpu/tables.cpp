@@ -359,5 +359,7 @@ PYBIND11_MODULE(_C, m) {
   fused_opt::cpu::bind_tables(m);
   fused_opt::cpu::bind_pack(m);
   fused_opt::mta::bind_table_step(m, "sim_table_step", &fused_opt::mta::sim_table_step);
+  m.def("set_failing_sim_launches", &fused_opt::mta::set_failing_sim_launches, py::arg("count"),
+        "For tests: the next `count` launches of backend='cuda_sim' fail, as a GPU launch can.");
   fused_opt::mta::bind_launch_plan(m);
 }

@@ -68,6 +68,28 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
 struct Steps {
   std::vector<double> host;
   std::vector<const float*> dev;
+  std::vector<at::Tensor> advanced;  // the counters this op advanced, for retreat()
+  bool on_device = false;
+  std::optional<at::Tensor> undo;  // found_inf, subtracted from device counters after the advance
+
+  // Puts the counters back when no launch was made (a launch that fails raises at once), so that
+  // the op raises with nothing changed. On the device this may fail in turn (a launch error can
+  // leave the device unusable): then the launch's error is the one that counts.
+  void retreat() const {
+    if (advanced.empty()) return;
+    if (!on_device) {
+      for (const at::Tensor& s : advanced) {
+        if (s.scalar_type() == at::kFloat) *s.data_ptr<float>() -= 1.0f;
+        else *s.data_ptr<double>() -= 1.0;
+      }
+      return;
+    }
+    try {
+      at::_foreach_sub_(advanced, 1);
+      if (undo) at::_foreach_add_(advanced, std::vector<at::Tensor>(advanced.size(), *undo));
+    } catch (...) {
+    }
+  }
 };
 
 inline Steps advance_steps(at::TensorList steps, const at::Device& device, const ScalarTensors& sc,
@@ -82,10 +104,12 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
                   "fused_opt: state_steps[", i, "] must be float32 on ", device, " like state_steps[0]");
     }
     at::_foreach_add_(steps, 1);
+    out.advanced = steps.vec();
+    out.on_device = true;
     if (found_inf && !found_inf->device().is_cpu()) {
       // One element of any shape (checked); 0-d like the counters, so the undo cannot fail after the advance.
-      const at::Tensor undo = found_inf->to(device, at::kFloat).reshape({});
-      at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), undo));
+      out.undo = found_inf->to(device, at::kFloat).reshape({});
+      at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), *out.undo));
     }
     for (size_t i = 0; i < steps.size(); ++i) out.dev[i] = steps[i].data_ptr<float>();
   } else {
@@ -97,23 +121,35 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
       at::Tensor s = steps[i];
       out.host[i] = s.scalar_type() == at::kFloat ? double(*s.data_ptr<float>() += 1.0f) : (*s.data_ptr<double>() += 1.0);
     }
+    out.advanced = steps.vec();
   }
   return out;
 }
 
-// All launches over n tensors described by `d` (addr, numel, step_host, step_dev of tensor t).
+// All launches over n tensors described by `d` (addr, numel, step_host, step_dev of tensor t);
+// if the first one fails, the step counters are put back before the error goes on.
 template <typename Runner, typename Describe, typename Family>
 void launch_all(int n, const Describe& d, at::ScalarType dtype, bool master, const ScalarTensors& sc,
                 const Family& family) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_opt_mta", [&] {
-    constexpr bool half = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
-    for_each_launch(n, d, Runner::kLimits, [&](const Meta& meta, int blocks) {
-      if constexpr (half) {  // fp32 master weights exist for 16-bit params only (checked before)
-        if (master) return Runner::template launch<scalar_t, true>(meta, blocks, sc.s, family);
-      }
-      Runner::template launch<scalar_t, false>(meta, blocks, sc.s, family);
+  int launched = 0;
+  try {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_opt_mta", [&] {
+      constexpr bool half = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+      const auto launch = [&](const Meta& meta, int blocks) {
+        if constexpr (half) {  // fp32 master weights exist for 16-bit params only (checked before)
+          if (master) return Runner::template launch<scalar_t, true>(meta, blocks, sc.s, family);
+        }
+        Runner::template launch<scalar_t, false>(meta, blocks, sc.s, family);
+      };
+      for_each_launch(n, d, Runner::kLimits, [&](const Meta& meta, int blocks) {
+        launch(meta, blocks);
+        ++launched;
+      });
     });
-  });
+  } catch (...) {
+    if (launched == 0) d.steps.retreat();
+    throw;
+  }
 }
 
 template <typename Runner, typename Family>
@@ -260,5 +296,6 @@ void table_step(const std::string& family, const TableArgs& a, const FamilyOptio
 // Defined by the CUDA kernels (ops_cuda.cu) and by their CPU simulation (cuda_sim.cpp).
 void cuda_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o);
 void sim_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o);
+void set_failing_sim_launches(int count);  // cuda_sim.cpp: the next `count` simulated launches fail
 
 }  // namespace fused_opt::mta
