@@ -65,27 +65,35 @@ def test_gpu_backends_match_float64_reference(backend, shapes, config, dtype, se
 
 
 def _check_against_reference(shapes, config, dtype, backend, seed, device):
+    """Three runs from the same start on the same grads: `backend`, the reference in `dtype` (on the CPU)
+    and the reference in float64. As flash-attention's tests do, our error against float64 may be at
+    most twice the same-precision reference's, element by element, plus the dtype's tolerance: a
+    gradient that cancels its weight decay to a few roundings' worth leaves any 16-bit run far from
+    float64 (in any implementation), and is no bug."""
     config = dict(config)
     cls = config.pop("cls")
     g = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-    ours_p = [t.to(device, dtype).clone().requires_grad_() for t in init]
-    ref_p = [t.to(dtype).double().clone().requires_grad_() for t in init]  # same start, exactly representable
-    ours = cls(ours_p, backend=backend, **config)
-    ref = cls(ref_p, backend="reference", **config)
+    start = {"ours": [t.to(device, dtype) for t in init], "low": [t.to(dtype) for t in init],
+             "ref": [t.to(dtype).double() for t in init]}  # the same start, exactly representable
+    params = {run: [t.clone().requires_grad_() for t in ts] for run, ts in start.items()}
+    backends = {"ours": backend, "low": "reference", "ref": "reference"}
+    opts = {run: cls(params[run], backend=backends[run], **config) for run in params}
     for _ in range(3):
         grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-        for ps in (ours_p, ref_p):
-            for p, gr in zip(ps, grads):
+        for run, opt in opts.items():
+            for p, gr in zip(params[run], grads):
                 p.grad = gr.to(dtype).to(p.device, p.dtype)
-        ours.step()
-        ref.step()
+            opt.step()
     rtol, atol = TOLERANCE[dtype]
-    for p, q in zip(ours_p, ref_p):
-        scale = max(1.0, q.abs().max().item()) if q.numel() else 1.0
-        torch.testing.assert_close(p.double().cpu(), q, rtol=rtol, atol=atol * scale)
-        for key, value in ours.state[p].items():
-            expected = q if key == "master_param" else ref.state[q][key]  # bfloat16 with master_weights
+    for i, q in enumerate(params["ref"]):
+        ours, low, ref = ({"param": params[run][i], **opts[run].state[params[run][i]]} for run in ("ours", "low", "ref"))
+        for key, value in ours.items():
+            expected = ref.get(key, q).double()  # float64 params keep no master copy: the param is it
             scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-            torch.testing.assert_close(value.double().cpu(), expected.double(), rtol=rtol, atol=atol * scale,
-                                       msg=lambda m: f"{key}: {m}")
+            allowed = 2 * (low[key].double() - expected).abs() + rtol * expected.abs() + atol * scale
+            error = (value.detach().double().cpu() - expected).abs()
+            off = (error > allowed).nonzero()
+            assert not len(off), (f"{key} (param {i}): {len(off)} of {error.numel()} elements off, first at "
+                                  f"{tuple(off[0].tolist())}: {value[tuple(off[0])]}"
+                                  f" against {expected[tuple(off[0])]} (same-precision reference: {low[key][tuple(off[0])]})")
