@@ -13,21 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import checks, dispatch
+from .checks import is_dense
 
 L1_MODES = ("subgradient", "proximal")
-
-
-def is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one block of memory in some dimension order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _dense_alike(p: Tensor, others) -> bool:
@@ -57,8 +46,8 @@ class _Group:
     must share a dense layout; later lists (step counters) pass through untouched.
     """
 
-    def __init__(self, lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool], indices: list[int],
-                 dtype: torch.dtype, master_at: int):
+    def __init__(self, family: str, names: Sequence[str], lists: Sequence[Sequence[Tensor]], mutable: Sequence[bool],
+                 indices: list[int], dtype: torch.dtype, master_at: int):
         self.lists = [[lst[i] for i in indices] if lst else [] for lst in lists]
         self.lists[master_at] = _master_list(self.lists[master_at])
         self.write_back: list[tuple[Tensor, Tensor]] = []
@@ -73,12 +62,24 @@ class _Group:
             if dtype.is_complex:
                 row = [torch.view_as_real(t) for t in row]
             if not _dense_alike(row[0], row[1:]):
+                for t, k in zip(row, slots):
+                    if mutable[k] and checks.shares_elements(t):  # the copy back would fail after the update
+                        raise RuntimeError(f"fused_opt.functional.{family}: {names[k]}[{indices[j]}] has elements "
+                                           "that are one memory location (a stride of 0), so it cannot be updated "
+                                           "in place; clone() it")
                 fixed = [t.contiguous() for t in row]
                 self.write_back += [(orig, tmp) for orig, tmp, k in zip(row, fixed, slots)
                                     if mutable[k] and tmp is not orig]
                 row = fixed
             for k, t in zip(slots, row):
                 self.lists[k][j] = t
+
+    def check(self, where: str, names: Sequence[str], master_at: int) -> None:
+        """The checks its kernel will make (checks.py), without writing anything."""
+        steps = self.lists[master_at + 1] if len(self.lists) > master_at + 1 else []
+        states = [(name, lst, bool(lst)) for name, lst in zip(names[2:master_at], self.lists[2:master_at])]
+        checks.check_group(where, self.lists[0], self.lists[1], states,
+                           self.lists[master_at], (names[master_at + 1] if steps else "", steps, bool(steps)))
 
     def finish(self) -> None:
         for orig, tmp in self.write_back:
@@ -217,9 +218,14 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
             raise  # a launch or allocation failed, maybe after some tensors were written: never retry
         except RuntimeError:
             pass
-    for (device, dtype), indices in _groups(params).items():
-        kernel = dispatch.select(backend, device, dtype).kernel(family)
-        group = _Group(lists, mutable, indices, dtype, master_at)
+    # Every group is made fit, given its kernel and checked before the first is updated: a step
+    # that raises leaves all of them untouched (each kernel checks its own lists, but only as it runs).
+    groups = [(device, dispatch.select(backend, device, dtype).kernel(family),
+               _Group(family, names, lists, mutable, indices, dtype, master_at))
+              for (device, dtype), indices in _groups(params).items()]
+    for device, _, group in groups[1:]:
+        group.check(f"fused_opt.functional.{family} ({group.lists[0][0].dtype} params on {device})", names, master_at)
+    for device, kernel, group in groups:
         kernel(*group.lists, **_scalar_kwargs(kwargs, lr, device), grad_scale=grad_scale, found_inf=found_inf)
         group.finish()
 

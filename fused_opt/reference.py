@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import checks
+
 
 def _opmath(t: Tensor) -> Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
@@ -19,13 +21,18 @@ def _opmath(t: Tensor) -> Tensor:
 
 def _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor):
     """-> (lr, 1/grad_scale, weight_decay): floats, or float64 0-d tensors when given as tensors."""
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("weight_decay_tensor", weight_decay_tensor)):
-        if t is not None and t.numel() != 1:
-            raise RuntimeError(f"fused_opt (reference): {name} must be a one-element tensor")
     lr = lr_tensor.double() if lr_tensor is not None else lr
     inv_scale = 1.0 / grad_scale.double() if grad_scale is not None else 1.0
     weight_decay = weight_decay_tensor.double().reshape(()) if weight_decay_tensor is not None else weight_decay
     return lr, inv_scale, weight_decay
+
+
+def _check(family: str, params, grads, state_lists, master_params, state_steps, options: dict, **scalars) -> None:
+    """Every input checked before anything is written, as the kernels do (checks.py)."""
+    op = f"fused_opt.reference.{family}_"
+    checks.check_group(op, params, grads, checks.op_lists(family, state_lists, options), master_params,
+                       ("state_steps", state_steps, family != "sgd"))
+    checks.check_scalars(op, **scalars)
 
 
 def _coef(x, like: Tensor):
@@ -94,6 +101,9 @@ def finish_param(p, *, lr, l1, l1_proximal):
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *, lr, beta1, beta2,
           weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, l1, l1_proximal,
           lr_tensor=None, grad_scale=None, found_inf=None, weight_decay_tensor=None) -> None:
+    _check("adam", params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs), master_params, state_steps,
+           {"amsgrad": amsgrad}, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+           weight_decay_tensor=weight_decay_tensor)
     lr, inv_scale, weight_decay = _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
@@ -121,6 +131,9 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, 
 def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, state_steps, *, lr, alpha, eps,
              weight_decay, momentum, centered, maximize, l1, l1_proximal,
              lr_tensor=None, grad_scale=None, found_inf=None, weight_decay_tensor=None) -> None:
+    _check("rmsprop", params, grads, (square_avgs, grad_avgs, momentum_buffers), master_params, state_steps,
+           {"centered": centered, "momentum": momentum}, lr_tensor=lr_tensor, grad_scale=grad_scale,
+           found_inf=found_inf, weight_decay_tensor=weight_decay_tensor)
     lr, inv_scale, weight_decay = _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):
@@ -149,6 +162,8 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_par
 
 def sgd_(params, grads, momentum_buffers, master_params, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
          first_step, l1, l1_proximal, lr_tensor=None, grad_scale=None, found_inf=None, weight_decay_tensor=None) -> None:
+    _check("sgd", params, grads, (momentum_buffers,), master_params, [], {"momentum": momentum}, lr_tensor=lr_tensor,
+           grad_scale=grad_scale, found_inf=found_inf, weight_decay_tensor=weight_decay_tensor)
     lr, inv_scale, weight_decay = _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor)
     skip = _skip_mask(found_inf)
     for i, param in enumerate(params):

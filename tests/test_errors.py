@@ -231,3 +231,46 @@ def test_a_kernel_failing_after_its_checks_is_not_retried(monkeypatch, error):
         fused_opt.SGD([p], lr=1.0, backend="cpu").step()
     assert calls == ["sgd"]
     assert torch.equal(p.detach(), -torch.arange(5.0))  # stepped once
+
+
+# A state tensor a user (or a bad checkpoint) broke, in the second of two (device, dtype) groups
+# of a param group or in its only one: every backend refuses the step before writing anything.
+# name -> (how the state is broken, what the error says)
+BROKEN_STATES = {
+    "wrong-dtype": (lambda t: t.float() if t.dtype == torch.float64 else t.double(),
+                    r"exp_avg_sqs\[\d\] has dtype \S+ but its param has dtype"),
+    "wrong-shape": (lambda t: t.reshape(-1), r"exp_avg_sqs\[\d\] has shape \S+ and strides"),
+    "expanded": (lambda t: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape),
+                 r"exp_avg_sqs\[1\] has elements that are one memory location"),
+}
+STATE_BACKENDS = [("cpu", "cpu"), ("cuda_sim", "cpu"), ("reference", "cpu"),
+                  pytest.param("triton", "cpu", marks=INTERPRETER), pytest.param("cuda", "cuda", marks=ON_GPU),
+                  pytest.param("triton", "cuda", marks=ON_GPU)]
+
+
+@pytest.mark.parametrize("backend,device", STATE_BACKENDS)
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-dtype", "float32-and-float64"])
+@pytest.mark.parametrize("broken", BROKEN_STATES)
+@pytest.mark.parametrize("checks", ["c++", "python"])
+def test_a_broken_state_tensor_is_refused_before_anything_is_written(checks, broken, mixed, backend, device,
+                                                                      monkeypatch):
+    if checks == "python":  # as where the CPU extension was not built (the CPU and CUDA kernels keep their own)
+        monkeypatch.setattr(fused_opt.checks, "_compiled", lambda: False)
+    torch.manual_seed(0)
+    # Mixed: the float32 group is updated first on the slow path, and must wait for the float64 group's checks.
+    params = [torch.randn(4, 6, device=device, requires_grad=True),
+              torch.randn(5, 3, device=device, dtype=torch.float64 if mixed else torch.float32, requires_grad=True)]
+    opt = fused_opt.Adam(params, lr=0.1, amsgrad=True, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    make, message = BROKEN_STATES[broken]
+    opt.state[params[1]]["exp_avg_sq"] = make(opt.state[params[1]]["exp_avg_sq"])
+    before = [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    for p, saved, saved_state in zip(params, *before):
+        assert torch.equal(p, saved)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in saved_state.items())

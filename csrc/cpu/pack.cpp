@@ -1,6 +1,6 @@
-// The Triton backend's host-side checks and pointer table (fused_opt/triton/launch.py), in C++
-// when this extension is built: the same checks as the C++ ops (checks.h), at a fraction of the
-// cost of doing them tensor by tensor in Python.
+// The C++ ops' checks (checks.h) for the callers in Python (fused_opt/checks.py: the Triton
+// launch, the reference, the functional layer's slow path), and the Triton launch's pointer
+// table, when this extension is built: a fraction of the cost of checking tensor by tensor in Python.
 #include <torch/extension.h>
 
 #include "fused_opt/checks.h"
@@ -11,22 +11,29 @@ namespace py = pybind11;
 using Tensors = std::vector<at::Tensor>;
 
 // Checks one launch's lists (three state lists, unused ones empty; masters empty or one per
-// param) and returns its pointer table, int64 [6, n] on the CPU (rows: param, grad, the three
-// states, the master copies; 0 where unused), and the numels.
-std::tuple<at::Tensor, at::Tensor> pack_group(const std::string& op, const Tensors& params, const Tensors& grads,
-                                              const std::vector<Tensors>& states, const std::vector<bool>& used,
-                                              const std::vector<std::string>& names, const Tensors& masters,
-                                              const Tensors& steps, bool steps_used) {
+// param; steps on the CPU or the params' device) and writes nothing.
+void check_lists(const std::string& op, const Tensors& params, const Tensors& grads, const std::vector<Tensors>& states,
+                 const std::vector<bool>& used, const std::vector<std::string>& names, const Tensors& masters,
+                 const Tensors& steps, bool steps_used) {
   TORCH_CHECK(states.size() == 3 && used.size() == 3 && names.size() == 3, op, ": expected three state lists");
   check_group(op.c_str(), params, grads,
               {{names[0].c_str(), states[0], used[0]}, {names[1].c_str(), states[1], used[1]},
                {names[2].c_str(), states[2], used[2]}},
               {"state_steps", steps, steps_used}, masters);
-  const int64_t n = static_cast<int64_t>(params.size());
   for (int64_t i = 0; i < static_cast<int64_t>(steps.size()); ++i) {
     TORCH_CHECK(steps[i].device().is_cpu() || steps[i].device() == params[0].device(), op, ": state_steps[", i,
                 "] is on ", steps[i].device(), ", expected cpu or ", params[0].device());
   }
+}
+
+// check_lists, then the pointer table, int64 [6, n] on the CPU (rows: param, grad, the three
+// states, the master copies; 0 where unused), and the numels.
+std::tuple<at::Tensor, at::Tensor> pack_group(const std::string& op, const Tensors& params, const Tensors& grads,
+                                              const std::vector<Tensors>& states, const std::vector<bool>& used,
+                                              const std::vector<std::string>& names, const Tensors& masters,
+                                              const Tensors& steps, bool steps_used) {
+  check_lists(op, params, grads, states, used, names, masters, steps, steps_used);
+  const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor table = at::zeros({6, n}, at::kLong);
   at::Tensor numels = at::empty({n}, at::kLong);
   auto rows = table.accessor<int64_t, 2>();
@@ -44,6 +51,8 @@ std::tuple<at::Tensor, at::Tensor> pack_group(const std::string& op, const Tenso
 }
 
 void bind_pack(py::module_& m) {
+  m.def("check_lists", &check_lists, py::arg("op"), py::arg("params"), py::arg("grads"), py::arg("states"),
+        py::arg("used"), py::arg("names"), py::arg("masters"), py::arg("steps"), py::arg("steps_used"));
   m.def("pack_group", &pack_group, py::arg("op"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("used"), py::arg("names"), py::arg("masters"), py::arg("steps"), py::arg("steps_used"));
 }

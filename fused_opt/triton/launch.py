@@ -2,8 +2,8 @@
 and triton_sgd_ (schemas in fused_opt/ops.py), for CUDA tensors and, under TRITON_INTERPRET=1,
 CPU tensors (how the tests run them without a GPU).
 
-Per call: check every input before anything is written (the C++ ops' checks, csrc/include/
-fused_opt/checks.h, run by the CPU extension when it is built; else the same in Python), advance
+Per call: check every input before anything is written (fused_opt/checks.py: the C++ ops'
+checks, run by the CPU extension when it is built; else the same in Python), advance
 the step counters, compute the scalars in float64 (the same values the C++ kernels use), and
 launch one kernel over all tensors. The pointer table and block map depend only on where the
 params and states live and how big they are, so they are kept (a few per process, least recently
@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import ops
-from ..functional import is_dense
+from .. import checks
 from . import kernels
 
 # Elements per program, from bench/triton_blocks.py on an H200 (bench/results/h200-2026-11-30/):
@@ -38,7 +37,7 @@ from . import kernels
 BLOCK_LARGE_TENSORS, BLOCK_SMALL_TENSORS, LARGE_TENSOR, BLOCK_INTERPRETED = 1024, 2048, 1 << 16, 4096
 NUM_WARPS = 4
 block_override: int | None = None  # set by bench/triton_blocks.py's sweep
-SLOTS = 6  # param, grad, up to three states, the master copy (csrc/cpu/launch.h)
+# The pointer table's rows: param, grad, up to three states, the master copy (csrc/cpu/launch.h).
 _KEPT_ROWS = [0, 2, 3, 4, 5]  # the rows that do not change from step to step (all but the grads')
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}
@@ -51,7 +50,7 @@ def interpreting() -> bool:
 
 @dataclass
 class _Plan:
-    table: Tensor  # int64 [SLOTS, n] on the device; row 1 (grads) is rewritten by each call
+    table: Tensor  # int64 [6, n] on the device; row 1 (grads) is rewritten by each call
     master: bool  # row 5 holds float32 master copies (and the states are float32)
     numels: Tensor
     block_tensor: Tensor
@@ -74,7 +73,7 @@ def block_size(numels: Tensor, device: torch.device) -> int:
 
 
 def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
-    """The device pointer table and block map for this pointer table (int64 [SLOTS, n] on the
+    """The device pointer table and block map for this pointer table (int64 [6, n] on the
     CPU; its grads' row does not count) and these numels: cached, least recently used dropped."""
     block = block_size(numels, device)
     key = (device, block, table[_KEPT_ROWS].numpy().tobytes(), numels.numpy().tobytes())
@@ -93,90 +92,6 @@ def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)
     return found
-
-
-def _pack(op: str, params, grads, states: list[tuple[str, list, bool]], masters: list[Tensor],
-          steps: tuple[str, list, bool]):
-    """Checks every input before anything is written (the C++ ops' checks, run by the CPU
-    extension when it is built) and returns the pointer table (int64 [SLOTS, n], CPU; rows in
-    slot order, 0 for an unused state or master) and the numels."""
-    states = states + [("", [], False)] * (3 - len(states))
-    if ops.load_extensions()["fused_opt._C"] is None:
-        return ops.cpu_module().pack_group(op, params, grads, [lst for _, lst, _ in states],
-                                           [used for _, _, used in states], [name for name, _, _ in states],
-                                           masters, steps[1], steps[2])
-    _check(op, params, grads, states, masters, steps)
-    n = len(params)
-    rows = [params, grads] + [lst if used else [] for _, lst, used in states] + [masters]
-    table = torch.tensor([[t.data_ptr() for t in lst] if lst else [0] * n for lst in rows], dtype=torch.int64)
-    return table.reshape(SLOTS, n), torch.tensor([p.numel() for p in params], dtype=torch.int64)
-
-
-# ---------------------------------------------------------------- input checks (as checks.h)
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s > 1)
-
-
-def _check_like_param(op: str, name: str, i: int, t: Tensor, p: Tensor, dtype: torch.dtype) -> None:
-    if t.layout != torch.strided:
-        raise RuntimeError(f"{op}: {name}[{i}] must be a dense tensor, got layout {t.layout}")
-    if t.device != p.device:
-        raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but its param is on {p.device}")
-    if t.dtype != dtype:
-        raise RuntimeError(f"{op}: {name}[{i}] has dtype {t.dtype} but its param has dtype {p.dtype}" if dtype == p.dtype
-                           else f"{op}: {name}[{i}] has dtype {t.dtype} but must be {dtype} (its param is {p.dtype} "
-                           "with float32 master weights)")
-    if not _same_layout(t, p):
-        raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()} but its param "
-                           f"has shape {tuple(p.shape)} and strides {p.stride()}")
-
-
-def _check(op: str, params, grads, states: list[tuple[str, list, bool]], masters: list[Tensor],
-           steps: tuple[str, list, bool]) -> None:
-    n = len(params)
-    if len(grads) != n:
-        raise RuntimeError(f"{op}: expected {n} grads (one per param), got {len(grads)}")
-    for name, lst, used in [*states, steps]:
-        if len(lst) != (n if used else 0):
-            raise RuntimeError(f"{op}: expected {n if used else 0} tensors in {name}, got {len(lst)}")
-    if len(masters) not in (0, n):
-        raise RuntimeError(f"{op}: expected 0 or {n} tensors in master_params, got {len(masters)}")
-    if n == 0:
-        return
-    first = params[0]
-    if first.dtype not in _TL_DTYPES:
-        raise RuntimeError(f"{op}: params must be float32, float64, float16 or bfloat16, got {first.dtype}")
-    if masters and first.dtype not in (torch.float16, torch.bfloat16):
-        raise RuntimeError(f"{op}: master_params are for float16 and bfloat16 params; params are {first.dtype} "
-                           "(pass an empty list)")
-    state_dtype = torch.float32 if masters else first.dtype
-    for i, p in enumerate(params):
-        if p.layout != torch.strided:
-            raise RuntimeError(f"{op}: params[{i}] must be a dense tensor, got layout {p.layout}")
-        if p.device != first.device or p.dtype != first.dtype:
-            raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] is {first.dtype} on "
-                               f"{first.device}; call once per (device, dtype) group")
-        if not is_dense(p):
-            raise RuntimeError(f"{op}: params[{i}] must be non-overlapping and dense (e.g. contiguous); "
-                               f"got strides {p.stride()}")
-        _check_like_param(op, "grads", i, grads[i], p, p.dtype)
-        for name, lst, used in states:
-            if used:
-                _check_like_param(op, name, i, lst[i], p, state_dtype)
-        if masters:
-            _check_like_param(op, "master_params", i, masters[i], p, torch.float32)
-        if steps[2]:
-            s = steps[1][i]
-            if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
-                raise RuntimeError(f"{op}: {steps[0]}[{i}] must be a one-element float32 or float64 tensor")
-            if s.device.type != "cpu" and s.device != first.device:
-                raise RuntimeError(f"{op}: {steps[0]}[{i}] is on {s.device}, expected cpu or {first.device}")
-
-
-def _check_scalar(op: str, name: str, t: Tensor | None) -> None:
-    if t is not None and t.numel() != 1:
-        raise RuntimeError(f"{op}: {name} must be a one-element tensor")
 
 
 # ---------------------------------------------------------------- scalars
@@ -322,45 +237,40 @@ def _launch(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
         num_warps=NUM_WARPS)
 
 
-def _op(op: str, family: str, params: list[Tensor], grads: list[Tensor], states: list[tuple[str, list, bool]],
-        masters: list[Tensor], steps: tuple[str, list, bool], lr: float, lr_tensor, grad_scale, found_inf,
-        options: dict) -> None:
+def _op(family: str, params: list[Tensor], grads: list[Tensor], state_lists, masters: list[Tensor],
+        steps: list[Tensor], lr: float, lr_tensor, grad_scale, found_inf, options: dict) -> None:
+    op = f"fused_opt::triton_{family}_"
     weight_decay_tensor = options.pop("weight_decay_tensor", None)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf),
-                    ("weight_decay_tensor", weight_decay_tensor)):
-        _check_scalar(op, name, t)
-    table, numels = _pack(op, params, grads, states, masters, steps)
+    checks.check_scalars(op, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                         weight_decay_tensor=weight_decay_tensor)
+    counted = family != "sgd"  # SGD keeps no step counter
+    table, numels = checks.pack_group(op, params, grads, checks.op_lists(family, state_lists, options), masters,
+                                      ("state_steps", steps, counted))
     if not params:
         return
     device = params[0].device
     refuse_capture(device)
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(f"{op}: the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    execute(family, plan(table, numels, device), table[1], device, params[0].dtype, steps[1] if steps[2] else [],
-            lr, lr_tensor, grad_scale, found_inf, options, weight_decay_tensor=weight_decay_tensor)
+    execute(family, plan(table, numels, device), table[1], device, params[0].dtype, steps, lr, lr_tensor, grad_scale,
+            found_inf, options, weight_decay_tensor=weight_decay_tensor)
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *, lr, lr_tensor=None,
           grad_scale=None, found_inf=None, **options) -> None:
-    states = [("exp_avgs", exp_avgs, True), ("exp_avg_sqs", exp_avg_sqs, True),
-              ("max_exp_avg_sqs", max_exp_avg_sqs, options["amsgrad"])]
-    _op("fused_opt::triton_adam_", "adam", params, grads, states, master_params, ("state_steps", state_steps, True), lr,
-        lr_tensor, grad_scale, found_inf, options)
+    _op("adam", params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs), master_params, state_steps, lr, lr_tensor,
+        grad_scale, found_inf, options)
 
 
 def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, state_steps, *, lr,
              lr_tensor=None, grad_scale=None, found_inf=None, **options) -> None:
-    states = [("square_avgs", square_avgs, True), ("grad_avgs", grad_avgs, options["centered"]),
-              ("momentum_buffers", momentum_buffers, options["momentum"] > 0)]
-    _op("fused_opt::triton_rmsprop_", "rmsprop", params, grads, states, master_params,
-        ("state_steps", state_steps, True), lr, lr_tensor, grad_scale, found_inf, options)
+    _op("rmsprop", params, grads, (square_avgs, grad_avgs, momentum_buffers), master_params, state_steps, lr,
+        lr_tensor, grad_scale, found_inf, options)
 
 
 def sgd_(params, grads, momentum_buffers, master_params, *, lr, lr_tensor=None, grad_scale=None, found_inf=None,
          **options) -> None:
-    states = [("momentum_buffers", momentum_buffers, options["momentum"] != 0)]
-    _op("fused_opt::triton_sgd_", "sgd", params, grads, states, master_params, ("state_steps", [], False), lr,
-        lr_tensor, grad_scale, found_inf, options)
+    _op("sgd", params, grads, (momentum_buffers,), master_params, [], lr, lr_tensor, grad_scale, found_inf, options)
 
 
 IMPLS = {"adam": adam_, "rmsprop": rmsprop_, "sgd": sgd_}

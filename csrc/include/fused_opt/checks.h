@@ -1,6 +1,6 @@
 // Every check a multi-tensor op makes before it writes anything (host code, shared by the CPU and
-// CUDA ops). The Python layer already hands over conforming lists; these checks are the kernels'
-// own guard for anyone calling torch.ops.fused_opt.* directly.
+// CUDA ops, and by the code in Python that writes through fused_opt/checks.py and _C.check_lists:
+// the Triton launch, the reference, the functional layer's slow path).
 #pragma once
 
 #include <ATen/core/Tensor.h>

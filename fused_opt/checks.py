@@ -1,0 +1,145 @@
+"""Every check an op makes before it writes anything, for the code in Python that writes: the
+Triton launch, the reference, and the functional layer's slow path (which checks every
+(device, dtype) group before the first one is updated, so that a bad tensor in a later group
+cannot leave the earlier ones stepped). The checks and messages are those of the C++ ops
+(csrc/include/fused_opt/checks.h): run there, by the CPU extension, when it is built, and here
+when it is not or while torch.compile traces (which cannot enter the extension).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+# (name, tensors, used): an unused list (amsgrad's, say, without amsgrad) must be empty.
+Named = tuple[str, list, bool]
+
+# Each family's state lists, as the ops name them, and the option that puts each in use (None: always).
+STATE_LISTS = {
+    "adam": (("exp_avgs", None), ("exp_avg_sqs", None), ("max_exp_avg_sqs", "amsgrad")),
+    "rmsprop": (("square_avgs", None), ("grad_avgs", "centered"), ("momentum_buffers", "momentum")),
+    "sgd": (("momentum_buffers", "momentum"),),
+}
+_PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def op_lists(family: str, state_lists, options: dict) -> list[Named]:
+    """A family's state lists named and marked used from the op's options."""
+    return [(name, lst, option is None or bool(options[option]))
+            for (name, option), lst in zip(STATE_LISTS[family], state_lists)]
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory in some dimension order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def shares_elements(t: Tensor) -> bool:
+    """Some elements are one memory location (a stride of 0 where a dimension has more than one
+    element: an expanded tensor): torch refuses to write to such a tensor."""
+    return any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride()))
+
+
+def check_group(op: str, params, grads, states: list[Named], masters: list[Tensor], steps: Named) -> None:
+    """The lists of one launch: lengths, then each param (one device and dtype, dense) and each
+    grad, state and master copy against its param, then the step counters. Writes nothing."""
+    states = states + [("", [], False)] * (3 - len(states))
+    if _compiled():
+        ops.cpu_module().check_lists(op, params, grads, [lst for _, lst, _ in states], [u for _, _, u in states],
+                                     [name for name, _, _ in states], masters, steps[1], steps[2])
+    else:
+        _check_group(op, params, grads, states, masters, steps)
+
+
+def pack_group(op: str, params, grads, states: list[Named], masters: list[Tensor], steps: Named):
+    """check_group, then the launch's pointer table (int64 [6, n], CPU; rows: param, grad, three
+    states, masters; 0 where unused) and the numels."""
+    states = states + [("", [], False)] * (3 - len(states))
+    if _compiled():
+        return ops.cpu_module().pack_group(op, params, grads, [lst for _, lst, _ in states],
+                                           [u for _, _, u in states], [name for name, _, _ in states], masters,
+                                           steps[1], steps[2])
+    _check_group(op, params, grads, states, masters, steps)
+    n = len(params)
+    rows = [params, grads] + [lst if used else [] for _, lst, used in states] + [masters]
+    table = torch.tensor([[t.data_ptr() for t in lst] if lst else [0] * n for lst in rows], dtype=torch.int64)
+    return table.reshape(len(rows), n), torch.tensor([p.numel() for p in params], dtype=torch.int64)
+
+
+def check_scalars(op: str, **tensors: Tensor | None) -> None:
+    """lr_tensor, grad_scale, found_inf, weight_decay_tensor: one element each, when given."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() != 1:
+            raise RuntimeError(f"{op}: {name} must be a one-element tensor")
+
+
+def _compiled() -> bool:
+    return not torch.compiler.is_compiling() and ops.load_extensions()["fused_opt._C"] is None
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s > 1)
+
+
+def _check_like_param(op: str, name: str, i: int, t: Tensor, p: Tensor, dtype: torch.dtype) -> None:
+    if t.layout != torch.strided:
+        raise RuntimeError(f"{op}: {name}[{i}] must be a dense tensor, got layout {t.layout}")
+    if t.device != p.device:
+        raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but its param is on {p.device}")
+    if t.dtype != dtype:
+        raise RuntimeError(f"{op}: {name}[{i}] has dtype {t.dtype} but its param has dtype {p.dtype}" if dtype == p.dtype
+                           else f"{op}: {name}[{i}] has dtype {t.dtype} but must be {dtype} (its param is {p.dtype} "
+                           "with float32 master weights)")
+    if not _same_layout(t, p):
+        raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()} but its param "
+                           f"has shape {tuple(p.shape)} and strides {p.stride()}")
+
+
+def _check_group(op: str, params, grads, states: list[Named], masters: list[Tensor], steps: Named) -> None:
+    n = len(params)
+    if len(grads) != n:
+        raise RuntimeError(f"{op}: expected {n} grads (one per param), got {len(grads)}")
+    for name, lst, used in [*states, steps]:
+        if len(lst) != (n if used else 0):
+            raise RuntimeError(f"{op}: expected {n if used else 0} tensors in {name}, got {len(lst)}")
+    if len(masters) not in (0, n):
+        raise RuntimeError(f"{op}: expected 0 or {n} tensors in master_params, got {len(masters)}")
+    if n == 0:
+        return
+    first = params[0]
+    if first.dtype not in _PARAM_DTYPES:
+        raise RuntimeError(f"{op}: params must be float32, float64, float16 or bfloat16, got {first.dtype}")
+    if masters and first.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError(f"{op}: master_params are for float16 and bfloat16 params; params are {first.dtype} "
+                           "(pass an empty list)")
+    state_dtype = torch.float32 if masters else first.dtype
+    for i, p in enumerate(params):
+        if p.layout != torch.strided:
+            raise RuntimeError(f"{op}: params[{i}] must be a dense tensor, got layout {p.layout}")
+        if p.device != first.device or p.dtype != first.dtype:
+            raise RuntimeError(f"{op}: params[{i}] is {p.dtype} on {p.device} but params[0] is {first.dtype} on "
+                               f"{first.device}; call once per (device, dtype) group")
+        if not is_dense(p):
+            raise RuntimeError(f"{op}: params[{i}] must be non-overlapping and dense (e.g. contiguous); "
+                               f"got strides {p.stride()}")
+        _check_like_param(op, "grads", i, grads[i], p, p.dtype)
+        for name, lst, used in states:
+            if used:
+                _check_like_param(op, name, i, lst[i], p, state_dtype)
+        if masters:
+            _check_like_param(op, "master_params", i, masters[i], p, torch.float32)
+        if steps[2]:
+            s = steps[1][i]
+            if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
+                raise RuntimeError(f"{op}: {steps[0]}[{i}] must be a one-element float32 or float64 tensor")
+            if s.device.type != "cpu" and s.device != first.device:
+                raise RuntimeError(f"{op}: {steps[0]}[{i}] is on {s.device}, expected cpu or {first.device}")
