@@ -25,6 +25,17 @@ def test_environment_overrides_auto(monkeypatch):
         dispatch.select("auto", torch.device("cpu"), torch.float32)
 
 
+def test_an_extension_that_fails_to_import_is_tried_once(monkeypatch):
+    # The backends ask at every step; each failed import cost ~20 us.
+    import importlib
+    tried, real_import = [], importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *args: tried.append(name) or real_import(name, *args))
+    monkeypatch.setitem(ops.EXTENSIONS, "fused_opt._C_absent", ops._NOT_TRIED)
+    reasons = [ops.load_extensions()["fused_opt._C_absent"] for _ in range(3)]
+    assert reasons[0].startswith("ModuleNotFoundError") and reasons == reasons[:1] * 3
+    assert tried == ["fused_opt._C_absent"]
+
+
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(ops.EXTENSIONS, "fused_opt._C", "ImportError: simulated")
     monkeypatch.setattr(ops, "load_extensions", lambda: dict(ops.EXTENSIONS))
