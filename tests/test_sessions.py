@@ -1,0 +1,97 @@
+"""Random training sessions against torch.optim (foreach=False), step after step: param lists that
+mix float32 and float64 and contiguous, transposed and strided params (so the fast path, the
+slow path and their checks all take part); steps with some grads missing; checkpoints through
+torch.save and torch.load(weights_only=True) into a new optimizer; a param group added; lr
+edited. Params and every state tensor must follow torch's."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fused_opt
+from cases import INTERPRETER
+
+ALGORITHMS = [("Adam", {"amsgrad": True}), ("Adam", {"weight_decay": 0.1, "maximize": True}), ("AdamW", {}),
+              ("RMSprop", {"centered": True, "momentum": 0.5}), ("RMSprop", {"weight_decay": 0.05}),
+              ("SGD", {"momentum": 0.9, "nesterov": True}), ("SGD", {"momentum": 0.9, "dampening": 0.2}), ("SGD", {})]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+param_specs = st.lists(st.tuples(st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
+                                 st.sampled_from([torch.float32, torch.float64]),
+                                 st.sampled_from(["contiguous", "transposed", "strided"])), min_size=1, max_size=5)
+actions = st.lists(st.one_of(st.tuples(st.just("step"), st.lists(st.booleans(), min_size=8, max_size=8)),
+                             st.tuples(st.sampled_from(["checkpoint", "add-group", "halve-lr"]))), min_size=1, max_size=8)
+
+
+def _make(spec, values: torch.Tensor) -> torch.Tensor:
+    shape, dtype, layout = spec
+    values = values.to(dtype).clone()  # each run's own copy: `values` starts the other run too
+    if layout == "transposed" and len(shape) > 1:  # dense, not contiguous
+        return values.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    if layout == "strided":  # every other row of a larger tensor: not dense, the slow path's copies
+        base = torch.zeros(shape[0] * 2, *shape[1:], dtype=dtype)
+        base[::2] = values
+        return base[::2].requires_grad_()
+    return values.requires_grad_()
+
+
+def _session(backend, algorithm, specs, extra_specs, actions, seed):
+    name, kwargs = algorithm
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in specs + extra_specs]
+    runs = {}
+    for impl, cls, options in (("ours", getattr(fused_opt, name), {"backend": backend}),
+                               ("torch", getattr(torch.optim, name), {"foreach": False})):
+        grads = torch.Generator().manual_seed(seed)
+        params = [_make(s, v) for s, v in zip(specs, values)]
+        opt = cls(params, lr=0.05, **kwargs, **options)
+        for action, *args in actions:
+            if action == "step":
+                for p, present in zip(params, args[0]):
+                    p.grad = torch.randn(p.shape, generator=grads, dtype=torch.float64).to(p.dtype) if present else None
+                opt.step()
+            elif action == "checkpoint":  # saved, loaded into a new optimizer over the same params
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                saved = torch.load(buffer, weights_only=True)
+                opt = cls([{"params": group["params"]} for group in opt.param_groups], lr=0.05, **kwargs, **options)
+                opt.load_state_dict(saved)
+            elif action == "add-group" and len(opt.param_groups) == 1:
+                new = [_make(s, v) for s, v in zip(extra_specs, values[len(specs):])]
+                opt.add_param_group({"params": new})
+                params = params + new
+            elif action == "halve-lr":
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
+        runs[impl] = (params, opt)
+    (ours_p, ours), (torch_p, theirs) = runs["ours"], runs["torch"]
+    for i, (p, q) in enumerate(zip(ours_p, torch_p)):
+        tol = TOLERANCE[q.dtype]
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=lambda m: f"param {i}: {m}")
+        assert set(ours.state[p]) == set(theirs.state[q]), f"param {i}: state keys"
+        for key, value in theirs.state[q].items():
+            torch.testing.assert_close(ours.state[p][key], value, rtol=tol, atol=tol, msg=lambda m: f"{i}.{key}: {m}")
+
+
+SESSION = dict(algorithm=st.sampled_from(ALGORITHMS), specs=param_specs, extra_specs=param_specs, actions=actions,
+               seed=st.integers(0, 2**16))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim", "reference"])
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(**SESSION)
+def test_a_random_session_follows_torch_optim(backend, algorithm, specs, extra_specs, actions, seed):
+    _session(backend, algorithm, specs, extra_specs, actions, seed)
+
+
+@INTERPRETER
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(**SESSION)
+def test_a_random_session_follows_torch_optim_on_triton(algorithm, specs, extra_specs, actions, seed):
+    _session("triton", algorithm, specs, extra_specs, actions, seed)
