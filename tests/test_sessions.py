@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fused_opt
-from cases import INTERPRETER
+from cases import INTERPRETER, ON_GPU
 
 ALGORITHMS = [("Adam", {"amsgrad": True}), ("Adam", {"weight_decay": 0.1, "maximize": True}), ("AdamW", {}),
               ("RMSprop", {"centered": True, "momentum": 0.5}), ("RMSprop", {"weight_decay": 0.05}),
@@ -24,23 +24,25 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 param_specs = st.lists(st.tuples(st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
                                  st.sampled_from([torch.float32, torch.float64]),
                                  st.sampled_from(["contiguous", "transposed", "strided"])), min_size=1, max_size=5)
-actions = st.lists(st.one_of(st.tuples(st.just("step"), st.lists(st.booleans(), min_size=8, max_size=8)),
-                             st.tuples(st.sampled_from(["checkpoint", "add-group", "halve-lr"]))), min_size=1, max_size=8)
+# A step names which of up to 10 params (5 and 5 added) get a grad.
+step = st.tuples(st.just("step"), st.lists(st.booleans(), min_size=10, max_size=10))
+actions = st.lists(st.one_of(step, st.tuples(st.sampled_from(["checkpoint", "add-group", "halve-lr"]))),
+                   min_size=1, max_size=8)
 
 
-def _make(spec, values: torch.Tensor) -> torch.Tensor:
+def _make(spec, values: torch.Tensor, device: str) -> torch.Tensor:
     shape, dtype, layout = spec
-    values = values.to(dtype).clone()  # each run's own copy: `values` starts the other run too
+    values = values.to(device, dtype).clone()  # each run's own copy: `values` starts the other run too
     if layout == "transposed" and len(shape) > 1:  # dense, not contiguous
         return values.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     if layout == "strided":  # every other row of a larger tensor: not dense, the slow path's copies
-        base = torch.zeros(shape[0] * 2, *shape[1:], dtype=dtype)
+        base = torch.zeros(shape[0] * 2, *shape[1:], dtype=dtype, device=device)
         base[::2] = values
         return base[::2].requires_grad_()
     return values.requires_grad_()
 
 
-def _session(backend, algorithm, specs, extra_specs, actions, seed):
+def _session(backend, algorithm, specs, extra_specs, actions, seed, device="cpu"):
     name, kwargs = algorithm
     g = torch.Generator().manual_seed(seed)
     values = [torch.randn(s[0], generator=g, dtype=torch.float64) for s in specs + extra_specs]
@@ -48,12 +50,13 @@ def _session(backend, algorithm, specs, extra_specs, actions, seed):
     for impl, cls, options in (("ours", getattr(fused_opt, name), {"backend": backend}),
                                ("torch", getattr(torch.optim, name), {"foreach": False})):
         grads = torch.Generator().manual_seed(seed)
-        params = [_make(s, v) for s, v in zip(specs, values)]
+        params = [_make(s, v, device) for s, v in zip(specs, values)]
         opt = cls(params, lr=0.05, **kwargs, **options)
         for action, *args in actions:
             if action == "step":
                 for p, present in zip(params, args[0]):
-                    p.grad = torch.randn(p.shape, generator=grads, dtype=torch.float64).to(p.dtype) if present else None
+                    p.grad = (torch.randn(p.shape, generator=grads, dtype=torch.float64).to(p.device, p.dtype)
+                              if present else None)
                 opt.step()
             elif action == "checkpoint":  # saved, loaded into a new optimizer over the same params
                 buffer = io.BytesIO()
@@ -63,7 +66,7 @@ def _session(backend, algorithm, specs, extra_specs, actions, seed):
                 opt = cls([{"params": group["params"]} for group in opt.param_groups], lr=0.05, **kwargs, **options)
                 opt.load_state_dict(saved)
             elif action == "add-group" and len(opt.param_groups) == 1:
-                new = [_make(s, v) for s, v in zip(extra_specs, values[len(specs):])]
+                new = [_make(s, v, device) for s, v in zip(extra_specs, values[len(specs):])]
                 opt.add_param_group({"params": new})
                 params = params + new
             elif action == "halve-lr":
@@ -95,3 +98,10 @@ def test_a_random_session_follows_torch_optim(backend, algorithm, specs, extra_s
 @given(**SESSION)
 def test_a_random_session_follows_torch_optim_on_triton(algorithm, specs, extra_specs, actions, seed):
     _session("triton", algorithm, specs, extra_specs, actions, seed)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=ON_GPU) for b in ("cuda", "triton")])
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(**SESSION)
+def test_a_random_session_follows_torch_optim_on_a_gpu(backend, algorithm, specs, extra_specs, actions, seed):
+    _session(backend, algorithm, specs, extra_specs, actions, seed, device="cuda")
