@@ -220,14 +220,33 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
             pass
     # Every group is made fit, given its kernel and checked before the first is updated: a step
     # that raises leaves all of them untouched (each kernel checks its own lists, but only as it runs).
-    groups = [(device, dispatch.select(backend, device, dtype).kernel(family),
-               _Group(family, names, lists, mutable, indices, dtype, master_at))
-              for (device, dtype), indices in _groups(params).items()]
-    for device, _, group in groups[1:]:
-        group.check(f"fused_opt.functional.{family} ({group.lists[0][0].dtype} params on {device})", names, master_at)
+    groups = _fitted_groups(family, names, lists, mutable, backend)
+    _check_groups(family, names, groups[1:], master_at)
     for device, kernel, group in groups:
         kernel(*group.lists, **_scalar_kwargs(kwargs, lr, device), grad_scale=grad_scale, found_inf=found_inf)
         group.finish()
+
+
+def _fitted_groups(family: str, names, lists, mutable, backend: str) -> list[tuple[torch.device, object, _Group]]:
+    """The slow path's calls: (device, kernel, lists made fit) per (device, dtype) group of params;
+    raises for what no layout fix can make fit."""
+    master_at = len(mutable) - 1
+    return [(device, dispatch.select(backend, device, dtype).kernel(family),
+             _Group(family, names, lists, mutable, indices, dtype, master_at))
+            for (device, dtype), indices in _groups(lists[0]).items()]
+
+
+def _check_groups(family: str, names, groups, master_at: int) -> None:
+    for device, _, group in groups:
+        group.check(f"fused_opt.functional.{family} ({group.lists[0][0].dtype} params on {device})", names, master_at)
+
+
+def _check_call(family: str, names, lists, mutable, backend: str) -> None:
+    """Raises now whatever _run would refuse in these lists (before a call that must not follow
+    another that has written); writes nothing."""
+    if lists[0] and _is_dtensor(lists[0][0]):
+        lists = _local_shards(lists)
+    _check_groups(family, names, _fitted_groups(family, names, lists, mutable, backend), len(mutable) - 1)
 
 
 def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -286,12 +305,17 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
     fresh = [i for i, b in enumerate(momentum_buffer_list) if b is None]
     new_buffers = {i: torch.empty_like(d_p_list[i], dtype=torch.float32 if masters and masters[i] is not None else None)
                    for i in fresh}  # torch clones the grad
-    for first_step, idx in ((False, [i for i, b in enumerate(momentum_buffer_list) if b is not None]), (True, fresh)):
-        if idx:
-            bufs = [new_buffers[i] if first_step else momentum_buffer_list[i] for i in idx]
-            _run("sgd", names, ([params[i] for i in idx], [d_p_list[i] for i in idx], bufs,
-                                [masters[i] for i in idx] if masters else []), mutable,
-                 dict(kwargs, first_step=first_step), lr, backend, grad_scale, found_inf)
+    # Two calls (the kernels' first_step is per call): the one for fresh buffers is checked before
+    # the other writes, so that a step that raises changes nothing.
+    calls = [(first_step, [params[i] for i in idx], [d_p_list[i] for i in idx],
+              [new_buffers[i] if first_step else momentum_buffer_list[i] for i in idx],
+              [masters[i] for i in idx] if masters else [])
+             for first_step, idx in ((False, [i for i, b in enumerate(momentum_buffer_list) if b is not None]),
+                                     (True, fresh)) if idx]
+    if len(calls) == 2:
+        _check_call("sgd", names, calls[1][1:], mutable, backend)
+    for first_step, *lists in calls:
+        _run("sgd", names, lists, mutable, dict(kwargs, first_step=first_step), lr, backend, grad_scale, found_inf)
     skipped = found_inf is not None and bool(found_inf)
     for i, buf in new_buffers.items():
         if not skipped:

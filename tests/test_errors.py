@@ -274,3 +274,20 @@ def test_a_broken_state_tensor_is_refused_before_anything_is_written(checks, bro
     for p, saved, saved_state in zip(params, *before):
         assert torch.equal(p, saved)
         assert all(torch.equal(opt.state[p][k], v) for k, v in saved_state.items())
+
+
+@pytest.mark.parametrize("backend,device", STATE_BACKENDS)
+def test_sgd_refusing_a_param_with_a_fresh_buffer_leaves_the_others_untouched(backend, device):
+    # SGD steps params with momentum buffers and those getting their first in two kernel calls; the
+    # second is checked before the first writes.
+    stepped = torch.ones(4, device=device, requires_grad=True)
+    shared = torch.zeros((), device=device).expand(4).requires_grad_()  # a stride of 0: cannot be updated in place
+    opt = fused_opt.SGD([stepped, shared], lr=0.1, momentum=0.9, backend=backend)
+    stepped.grad = torch.ones(4, device=device)
+    opt.step()
+    before = stepped.detach().clone(), opt.state[stepped]["momentum_buffer"].clone()
+    stepped.grad, shared.grad = torch.ones(4, device=device), torch.ones(4, device=device)
+    with pytest.raises(RuntimeError, match=r"params\[0\] has elements that are one memory location"):
+        opt.step()
+    assert torch.equal(stepped, before[0]) and torch.equal(opt.state[stepped]["momentum_buffer"], before[1])
+    assert "momentum_buffer" not in opt.state[shared]
