@@ -90,18 +90,44 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s > 1)
 
 
-def _check_like_param(op: str, name: str, i: int, t: Tensor, p: Tensor, dtype: torch.dtype) -> None:
+def _label(name: str, i: int | None) -> str:
+    return name if i is None else f"{name}[{i}]"
+
+
+def check_like_param(op: str, name: str, i: int | None, t: Tensor, p: Tensor, dtype: torch.dtype,
+                     strides: bool = True) -> None:
+    """t (`name[i]`, or `name` when i is None), which goes with param p, is a dense `dtype` tensor
+    on p's device with p's shape, and with p's strides unless `strides` is False (the functional
+    layer fits those itself)."""
     if t.layout != torch.strided:
-        raise RuntimeError(f"{op}: {name}[{i}] must be a dense tensor, got layout {t.layout}")
+        raise RuntimeError(f"{op}: {_label(name, i)} must be a dense tensor, got layout {t.layout}")
     if t.device != p.device:
-        raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but its param is on {p.device}")
+        raise RuntimeError(f"{op}: {_label(name, i)} is on {t.device} but its param is on {p.device}")
     if t.dtype != dtype:
-        raise RuntimeError(f"{op}: {name}[{i}] has dtype {t.dtype} but its param has dtype {p.dtype}" if dtype == p.dtype
-                           else f"{op}: {name}[{i}] has dtype {t.dtype} but must be {dtype} (its param is {p.dtype} "
-                           "with float32 master weights)")
-    if not _same_layout(t, p):
-        raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()} but its param "
-                           f"has shape {tuple(p.shape)} and strides {p.stride()}")
+        raise RuntimeError(f"{op}: {_label(name, i)} has dtype {t.dtype} but its param has dtype {p.dtype}"
+                           if dtype == p.dtype else f"{op}: {_label(name, i)} has dtype {t.dtype} but must be "
+                           f"{dtype} (its param is {p.dtype} with float32 master weights)")
+    if strides and not _same_layout(t, p):
+        raise RuntimeError(f"{op}: {_label(name, i)} has shape {tuple(t.shape)} and strides {t.stride()} but its "
+                           f"param has shape {tuple(p.shape)} and strides {p.stride()}")
+    if t.shape != p.shape:
+        raise RuntimeError(f"{op}: {_label(name, i)} has shape {tuple(t.shape)} but its param has shape "
+                           f"{tuple(p.shape)}")
+
+
+def check_writable(op: str, name: str, i: int | None, t: Tensor) -> None:
+    """A tensor the step writes through a contiguous copy: the copy back needs distinct elements."""
+    if shares_elements(t):
+        raise RuntimeError(f"{op}: {_label(name, i)} has elements that are one memory location (a stride of 0), "
+                           "so it cannot be updated in place; clone() it")
+
+
+def check_step(op: str, name: str, i: int | None, s: Tensor, p: Tensor) -> None:
+    """A step counter: one float32 or float64 element, on the CPU or on its param's device."""
+    if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: {_label(name, i)} must be a one-element float32 or float64 tensor")
+    if s.device.type != "cpu" and s.device != p.device:
+        raise RuntimeError(f"{op}: {_label(name, i)} is on {s.device}, expected cpu or {p.device}")
 
 
 def _check_group(op: str, params, grads, states: list[Named], masters: list[Tensor], steps: Named) -> None:
@@ -131,15 +157,11 @@ def _check_group(op: str, params, grads, states: list[Named], masters: list[Tens
         if not is_dense(p):
             raise RuntimeError(f"{op}: params[{i}] must be non-overlapping and dense (e.g. contiguous); "
                                f"got strides {p.stride()}")
-        _check_like_param(op, "grads", i, grads[i], p, p.dtype)
+        check_like_param(op, "grads", i, grads[i], p, p.dtype)
         for name, lst, used in states:
             if used:
-                _check_like_param(op, name, i, lst[i], p, state_dtype)
+                check_like_param(op, name, i, lst[i], p, state_dtype)
         if masters:
-            _check_like_param(op, "master_params", i, masters[i], p, torch.float32)
+            check_like_param(op, "master_params", i, masters[i], p, torch.float32)
         if steps[2]:
-            s = steps[1][i]
-            if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
-                raise RuntimeError(f"{op}: {steps[0]}[{i}] must be a one-element float32 or float64 tensor")
-            if s.device.type != "cpu" and s.device != first.device:
-                raise RuntimeError(f"{op}: {steps[0]}[{i}] is on {s.device}, expected cpu or {first.device}")
+            check_step(op, steps[0], i, steps[1][i], p)

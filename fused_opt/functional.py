@@ -63,10 +63,8 @@ class _Group:
                 row = [torch.view_as_real(t) for t in row]
             if not _dense_alike(row[0], row[1:]):
                 for t, k in zip(row, slots):
-                    if mutable[k] and checks.shares_elements(t):  # the copy back would fail after the update
-                        raise RuntimeError(f"fused_opt.functional.{family}: {names[k]}[{indices[j]}] has elements "
-                                           "that are one memory location (a stride of 0), so it cannot be updated "
-                                           "in place; clone() it")
+                    if mutable[k]:  # the copy back would fail after the update
+                        checks.check_writable(f"fused_opt.functional.{family}", names[k], indices[j], t)
                 fixed = [t.contiguous() for t in row]
                 self.write_back += [(orig, tmp) for orig, tmp, k in zip(row, fixed, slots)
                                     if mutable[k] and tmp is not orig]
@@ -189,8 +187,10 @@ def _l1_kwargs(l1: float, l1_mode: str) -> dict:
 _FAILED_AFTER_CHECKS = (torch.OutOfMemoryError, torch.AcceleratorError)
 
 
-def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, grad_scale, found_inf) -> None:
-    """Calls the family's op once per (device, dtype) group of params.
+def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, grad_scale, found_inf,
+         check_only: bool = False) -> None:
+    """Calls the family's op once per (device, dtype) group of params (check_only: raises what
+    they would refuse, and writes nothing).
 
     Fast path, the usual case: one device and dtype, dense tensors laid out alike. The kernels
     check all of that themselves before writing anything, so the lists go straight to the op;
@@ -200,6 +200,10 @@ def _run(family: str, names, lists, mutable, kwargs: dict, lr, backend: str, gra
     """
     params = lists[0]
     if not params:
+        return
+    if check_only:
+        _check_scalars(family, lr, grad_scale, found_inf)
+        _check_call(family, names, lists, mutable, backend)
         return
     master_at = len(mutable) - 1
     first = params[0]
@@ -241,6 +245,12 @@ def _check_groups(family: str, names, groups, master_at: int) -> None:
         group.check(f"fused_opt.functional.{family} ({group.lists[0][0].dtype} params on {device})", names, master_at)
 
 
+def _check_scalars(family: str, lr, grad_scale, found_inf) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    checks.check_scalars(f"fused_opt.functional.{family}", grad_scale=grad_scale, found_inf=found_inf)
+
+
 def _check_call(family: str, names, lists, mutable, backend: str) -> None:
     """Raises now whatever _run would refuse in these lists (before a call that must not follow
     another that has written); writes nothing."""
@@ -254,41 +264,44 @@ def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
          lr: float | Tensor, weight_decay: float | Tensor, eps: float, maximize: bool,
          decoupled_weight_decay: bool = False, l1: float = 0.0, l1_mode: str = "subgradient",
          grad_scale: Tensor | None = None, found_inf: Tensor | None = None, backend: str = "auto",
-         master_params: list[Tensor | None] | None = None) -> None:
+         master_params: list[Tensor | None] | None = None, check_only: bool = False) -> None:
     """Adam/AdamW step on lists of tensors (torch.optim.adam.adam's arguments, plus L1, backend and
-    master_params: float32 master copies of 16-bit params, None for a param without one)."""
+    master_params: float32 master copies of 16-bit params, None for a param without one).
+    check_only=True raises what the step would refuse, and writes nothing."""
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps")
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params or [], state_steps)
     _check_lengths("adam", names, lists, (True, True, True, True, amsgrad, False, True))
     kwargs = adam_options(amsgrad=amsgrad, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                           maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, l1=l1, l1_mode=l1_mode)
     # state_steps are one-element counters: exempt from the layout fix-up (mutable list is 6 long).
-    _run("adam", names, lists, (True, False, True, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
+    _run("adam", names, lists, (True, False, True, True, True, True), kwargs, lr, backend, grad_scale, found_inf,
+         check_only)
 
 
 def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
             momentum_buffer_list: list[Tensor], state_steps: list[Tensor], *, lr: float | Tensor, alpha: float,
             eps: float, weight_decay: float | Tensor, momentum: float, centered: bool, maximize: bool, l1: float = 0.0,
             l1_mode: str = "subgradient", grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-            backend: str = "auto", master_params: list[Tensor | None] | None = None) -> None:
-    """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, plus L1, backend and
-    master_params as in `adam`)."""
+            backend: str = "auto", master_params: list[Tensor | None] | None = None, check_only: bool = False) -> None:
+    """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, plus L1, backend,
+    master_params and check_only as in `adam`)."""
     names = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffer_list", "master_params", "state_steps")
     lists = (params, grads, square_avgs, grad_avgs if centered else [],
              momentum_buffer_list if momentum > 0 else [], master_params or [], state_steps)
     _check_lengths("rmsprop", names, lists, (True, True, True, centered, momentum > 0, False, True))
     kwargs = rmsprop_options(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
                              maximize=maximize, l1=l1, l1_mode=l1_mode)
-    _run("rmsprop", names, lists, (True, False, True, True, True, True), kwargs, lr, backend, grad_scale, found_inf)
+    _run("rmsprop", names, lists, (True, False, True, True, True, True), kwargs, lr, backend, grad_scale, found_inf,
+         check_only)
 
 
 def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list[Tensor | None], *,
         lr: float | Tensor, weight_decay: float | Tensor, momentum: float, dampening: float, nesterov: bool,
         maximize: bool, l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None, backend: str = "auto",
-        master_params: list[Tensor | None] | None = None) -> None:
-    """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, plus L1, backend and
-    master_params as in `adam`).
+        master_params: list[Tensor | None] | None = None, check_only: bool = False) -> None:
+    """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, plus L1, backend,
+    master_params and check_only as in `adam`).
 
     As in torch, a None momentum buffer is created from the first gradient (float32 for a param
     with a master copy); the new buffers are put into `momentum_buffer_list`.
@@ -300,11 +313,15 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
                          maximize=maximize, l1=l1, l1_mode=l1_mode)
     mutable = (True, False, True, True)
     if momentum == 0:
-        _run("sgd", names, (params, d_p_list, [], masters), mutable, kwargs, lr, backend, grad_scale, found_inf)
+        _run("sgd", names, (params, d_p_list, [], masters), mutable, kwargs, lr, backend, grad_scale, found_inf,
+             check_only)
         return
     fresh = [i for i, b in enumerate(momentum_buffer_list) if b is None]
-    new_buffers = {i: torch.empty_like(d_p_list[i], dtype=torch.float32 if masters and masters[i] is not None else None)
-                   for i in fresh}  # torch clones the grad
+    if check_only:  # a new buffer is never refused: each is checked as a tensor that is checked anyway
+        new_buffers = {i: masters[i] if masters and masters[i] is not None else d_p_list[i] for i in fresh}
+    else:  # torch clones the grad
+        new_buffers = {i: torch.empty_like(d_p_list[i], dtype=torch.float32 if masters and masters[i] is not None
+                                           else None) for i in fresh}
     # Two calls (the kernels' first_step is per call): the one for fresh buffers is checked before
     # the other writes, so that a step that raises changes nothing.
     calls = [(first_step, [params[i] for i in idx], [d_p_list[i] for i in idx],
@@ -312,6 +329,11 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
               [masters[i] for i in idx] if masters else [])
              for first_step, idx in ((False, [i for i, b in enumerate(momentum_buffer_list) if b is not None]),
                                      (True, fresh)) if idx]
+    if check_only:
+        _check_scalars("sgd", lr, grad_scale, found_inf)
+        for _, *lists in calls:
+            _check_call("sgd", names, lists, mutable, backend)
+        return
     if len(calls) == 2:
         _check_call("sgd", names, calls[1][1:], mutable, backend)
     for first_step, *lists in calls:

@@ -5,19 +5,22 @@ torch.optim's, plus arguments of our own: `l1` (L1 penalty strength), `l1_mode` 
 or "proximal"), `backend` ("auto", "cpu", "cuda", "triton", "reference"), `master_weights`
 (float32 master copies of 16-bit params, see below) and `skip_nonfinite`.
 Each step reads every hyperparameter from param_groups, gathers the params that have grads
-(creating torch.optim's state lazily) and makes one fused call per (device, dtype) group.
+(creating torch.optim's state lazily), checks every group and then makes one fused call per
+(device, dtype) group: a step that raises leaves all params and state as they were.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import dispatch, functional, tables
+from . import checks, dispatch, functional, tables
 
 _EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto", "master_weights": False}
 
@@ -73,8 +76,17 @@ def _check_weight_decay(weight_decay) -> None:
     _check_range("weight_decay value", weight_decay)
 
 
+class _Work(NamedTuple):
+    """A param group's step on the ordinary path: its functional call over the params with grads."""
+    index: int
+    group: dict
+    tabled: bool  # the group may have a table, built after this step
+    params: list
+    call: Callable
+
+
 class FusedOptimizer(Optimizer):
-    """Shared machinery; subclasses set `family` and implement `_gather(group)` and `_update(...)`."""
+    """Shared machinery; subclasses set `family` and implement `_options`, `_state_keys` and `_prepare`."""
 
     family: str
     # Params in a step are grouped per (device, dtype) and updated by one kernel call each, which
@@ -249,21 +261,93 @@ class FusedOptimizer(Optimizer):
         fast = not torch.compiler.is_compiling() and tables.available()
         if fast:
             self._tables.begin(self.state)
-        for group in self.param_groups:
+        try:
+            self._step_groups(gathered, amp, fast)
+        except BaseException:
+            if fast:
+                self._tables.release()
+            raise
+        if fast:
+            self._tables.end(self.state)
+        return loss
+
+    def _step_groups(self, gathered: dict, amp: dict, fast: bool) -> None:
+        """Checks every param group's step, then takes them all: a step that raises leaves every
+        group's params and state as they were. A table checks its group in `ready`; the other
+        groups (the ordinary path) are checked through the functional layer, but for the one taken
+        first, whose kernels check it before they write. (Groups share no param: any order will do.)"""
+        from_tables, ordinary = [], []
+        for index, group in enumerate(self.param_groups):
             options = self._options(group)
             # Groups with master weights or a Tensor weight decay take the op path (the tables have no
             # slot for the copies, and pass the weight decay as a number).
             tabled = fast and not group["master_weights"] and not isinstance(group["weight_decay"], Tensor)
-            if tabled and self._tables.run(self.family, group, options, amp, self._state_keys(group)):
+            if tabled and self._tables.ready(self.family, group, self._state_keys(group), amp):
+                from_tables.append((group, options))
                 continue
             params, grads = gathered[id(group)] if gathered else self._grads_of(group)
             if params:
-                self._update(group, params, grads, dict(options, lr=group["lr"], backend=group["backend"], **amp))
-                if tabled:
-                    self._tables.learn(self.family, group, params, self.state, *self._state_keys(group))
-        if fast:
-            self._tables.end(self.state)
-        return loss
+                ordinary.append(self._work(index, group, options, tabled, params, grads, amp))
+        if ordinary:
+            if not torch.compiler.is_compiling():  # a compiled step is checked as it is traced, before it runs
+                for w in ordinary[1:]:
+                    self._explained(w, check_only=True)
+            self._explained(ordinary[0])
+            self._learn(ordinary[0])
+        for group, options in from_tables:
+            if not self._tables.run(self.family, group, options, amp):  # after ready, only by a fault of ours
+                params, grads = self._grads_of(group)
+                self._work(-1, group, options, True, params, grads, amp).call()
+        for w in ordinary[1:]:
+            w.call()
+            self._learn(w)
+
+    def _work(self, index, group, options, tabled, params, grads, amp) -> _Work:
+        kwargs = dict(options, lr=group["lr"], backend=group["backend"], **amp)
+        return _Work(index, group, tabled, params, self._prepare(group, params, grads, kwargs))
+
+    def _learn(self, w: _Work) -> None:
+        if w.tabled:  # a table for the next steps
+            self._tables.learn(self.family, w.group, w.params, self.state, *self._state_keys(w.group))
+
+    def _explained(self, w: _Work, check_only: bool = False) -> None:
+        """Calls (or checks) `w`; an error that a param's grad or state caused names that param as
+        the user knows it."""
+        try:
+            w.call(check_only=check_only)
+        except RuntimeError as error:
+            culprit = self._culprit(w.index, w.group)
+            if culprit is None:
+                raise
+            raise culprit from error
+
+    def _culprit(self, index: int, group: dict) -> RuntimeError | None:
+        """The error for the first param of group `index` whose grad or state the step refuses
+        (the functional layer's checks, given per param), naming it by its place in param_groups
+        and, for named params, by its name; None if each fits its param."""
+        op = f"fused_opt.{type(self).__name__}"
+        names = group.get("param_names")
+        slots, step_key = self._state_keys(group)
+        for k, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            place = f"param_groups[{index}]['params'][{k}]" + (f" ({names[k]!r})" if names else "")
+            state = self.state.get(p, {})
+            dtype = self._state_dtype(p, group)
+            tensors = [(f"state[{key!r}] of {place}", state[key], dtype) for key in slots if key in state]
+            if MASTER_KEY in state:
+                tensors.append((f"state[{MASTER_KEY!r}] of {place}", state[MASTER_KEY], torch.float32))
+            try:
+                checks.check_writable(op, place, None, p)
+                checks.check_like_param(op, f"grad of {place}", None, p.grad, p, p.dtype, strides=False)
+                for label, t, dtype in tensors:
+                    checks.check_like_param(op, label, None, t, p, dtype, strides=False)
+                    checks.check_writable(op, label, None, t)
+                if step_key in state:
+                    checks.check_step(op, f"state[{step_key!r}] of {place}", None, state[step_key], p)
+            except RuntimeError as error:
+                return error
+        return None
 
     step._wrapped_by_lr_sched = True  # see _opt_called
 
@@ -291,7 +375,9 @@ class FusedOptimizer(Optimizer):
         """The state keys of the kernels' slots 2, 3, 4 (None: unused) and of the step counter."""
         raise NotImplementedError
 
-    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], kwargs: dict) -> None:
+    def _prepare(self, group: dict, params: list[Tensor], grads: list[Tensor], kwargs: dict):
+        """The group's functional call over `params` (their state made, as torch.optim makes it
+        lazily): call() steps, call(check_only=True) raises what the step would refuse."""
         raise NotImplementedError
 
 
@@ -321,7 +407,7 @@ class Adam(FusedOptimizer):
         return {**FusedOptimizer._torch_defaults(), "amsgrad": False, "capturable": False, "fused": None,
                 "decoupled_weight_decay": False}
 
-    def _update(self, group, params, grads, kwargs):
+    def _prepare(self, group, params, grads, kwargs):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters = [], [], [], [], []
         all_state = self.state
         for p in params:
@@ -339,7 +425,8 @@ class Adam(FusedOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        functional.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params=masters, **kwargs)
+        return functools.partial(functional.adam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                                 master_params=masters, **kwargs)
 
     def _options(self, group):
         beta1, beta2 = group["betas"]
@@ -400,7 +487,7 @@ class RMSprop(FusedOptimizer):
     def _torch_defaults() -> dict:
         return {**FusedOptimizer._torch_defaults(), "momentum": 0, "centered": False, "capturable": False}
 
-    def _update(self, group, params, grads, kwargs):
+    def _prepare(self, group, params, grads, kwargs):
         square_avgs, grad_avgs, momentum_buffers, steps, masters = [], [], [], [], []
         for p in params:
             state = self.state[p]
@@ -418,8 +505,8 @@ class RMSprop(FusedOptimizer):
                 grad_avgs.append(state["grad_avg"])
             square_avgs.append(state["square_avg"])
             steps.append(state["step"])
-        functional.rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, master_params=masters,
-                           **kwargs)
+        return functools.partial(functional.rmsprop, params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
+                                 master_params=masters, **kwargs)
 
     def _options(self, group):
         return dict(super()._options(group), alpha=group["alpha"], eps=group["eps"], momentum=group["momentum"],
@@ -455,13 +542,17 @@ class SGD(FusedOptimizer):
     def _torch_defaults() -> dict:
         return {**FusedOptimizer._torch_defaults(), "nesterov": False, "fused": False}
 
-    def _update(self, group, params, grads, kwargs):
+    def _prepare(self, group, params, grads, kwargs):
         masters = [self._master(p, self.state[p], group) for p in params]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
-        functional.sgd(params, grads, buffers, master_params=masters, **kwargs)
-        for p, buf in zip(params, buffers):
-            if buf is not None:
-                self.state[p]["momentum_buffer"] = buf
+
+        def call(check_only: bool = False) -> None:
+            functional.sgd(params, grads, buffers, master_params=masters, check_only=check_only, **kwargs)
+            if not check_only:  # the buffers made in this step
+                for p, buf in zip(params, buffers):
+                    if buf is not None:
+                        self.state[p]["momentum_buffer"] = buf
+        return call
 
     def _options(self, group):
         return dict(super()._options(group), momentum=group["momentum"], dampening=group["dampening"],

@@ -5,11 +5,12 @@ and the kernel re-checks every tensor of every list: ~0.2 us a tensor, most of a
 of thousands of small tensors. After an ordinary step of a param group that qualifies (params
 of one device and dtype run by the "cpu", "cuda" or "triton" backend, all plain dense tensors), a GroupTable
 (csrc/cpu/tables.cpp) remembers the group's tensors and the packed launch over them. The next
-steps hand it only the group's param list: it reads the grads itself and, before writing
-anything, checks that nothing it remembers has changed (same params with grads, same state tensor
-objects in each param's state dict, same storage, size, dtype and layout); a StateSnapshot taken
-after each step catches entries of optimizer.state added, removed or replaced. When anything
-differs the table declines, the step takes the ordinary path, and the table is rebuilt from it.
+steps hand it only the group's param list (`ready`): it reads the grads itself and checks that
+nothing it remembers has changed (same params with grads, same state tensor objects in each
+param's state dict, same storage, size, dtype and layout); a StateSnapshot taken after each step
+catches entries of optimizer.state added, removed or replaced. When anything differs the table
+declines, the group takes the ordinary path, and the table is rebuilt from it. Else `run` takes
+the step, once the optimizer has checked every group of the step.
 A group whose tables keep being declined (say, grads present on alternate steps) stops getting
 them. For the CUDA and Triton backends the table does the same checks and hands this step's grad
 addresses, with the rest of the group's pointer table, to the kernels' launch (the CUDA
@@ -48,6 +49,7 @@ class _Entry:
     pointers: tuple = ()  # cuda, cuda_sim: the pointer table (int64 [6, n], CPU) and numels
     like: Tensor | None = None  # cuda, cuda_sim: the first param (device and dtype of the launch)
     steps: list[Tensor] = field(default_factory=list)  # the step counters, in param order
+    grad_ptrs: Tensor | None = None  # cuda, cuda_sim, triton: this step's grad addresses, from ready to run
 
 
 class Tables:
@@ -60,13 +62,15 @@ class Tables:
         self._snapshot = None
         self._state_unchanged = False
         self._learned = False
+        self._ready: list[_Entry] = []  # checked by ready in this step, not yet run
 
     def begin(self, state: dict) -> None:
         """At the start of a step: has optimizer.state kept its entries since the last one?"""
         self._state_unchanged = self._snapshot is not None and self._snapshot.matches(state)
 
-    def run(self, family: str, group: dict, options: dict, amp: dict, keys: tuple) -> bool:
-        """Steps `group` from its table; False (nothing written) when it has none or it declines.
+    def ready(self, family: str, group: dict, keys: tuple, amp: dict) -> bool:
+        """Can `group` step from its table? Makes all of the table's checks (writing nothing), so
+        that an optimizer can check every group before it updates any; `run` then takes the step.
         `keys`: the state keys the group's options call for now (an option such as amsgrad or
         momentum switched on needs a state slot the table does not have)."""
         entry = self._tables.get(id(group)) if self._state_unchanged else None
@@ -74,26 +78,43 @@ class Tables:
             return False
         if dispatch.select(group["backend"], entry.device, entry.dtype).name != entry.backend:
             return False
+        lr, grad_scale, found_inf = group["lr"], amp["grad_scale"], amp["found_inf"]
+        if ((grad_scale is not None and grad_scale.numel() != 1) or (found_inf is not None and found_inf.numel() != 1)
+                or (isinstance(lr, Tensor) and lr.numel() != 1)):
+            return False  # the ops say why
+        if not entry.table.check(group["params"]):
+            return False
+        if entry.backend != "cpu":
+            entry.grad_ptrs = entry.table.grad_pointers()
+        self._ready.append(entry)
+        return True
+
+    def run(self, family: str, group: dict, options: dict, amp: dict) -> bool:
+        """Steps `group` from its table, after `ready` said it can in this step."""
+        entry = self._tables[id(group)]
         kwargs = functional.OPTIONS[family](**options)
         scalars = functional.lr_kwargs(group["lr"], entry.device)
         if entry.backend == "cpu":
-            done = getattr(entry.table, family)(group["params"], **kwargs, **scalars, **amp)
+            done = getattr(entry.table, family)(**kwargs, **scalars, **amp)
         else:
-            done = self._launch_elsewhere(family, entry, group, kwargs, scalars, amp)
+            done = self._launch_elsewhere(family, entry, kwargs, scalars, amp)
         if done:
             self._builds[id(group)] = 0
             self.fast_steps += 1
         return done
 
+    def release(self) -> None:
+        """After a step that raised: tables checked by `ready` that did not run let go of the
+        grads they kept."""
+        for entry in self._ready:
+            entry.table.release()
+        self._ready.clear()
+
     @staticmethod
-    def _launch_elsewhere(family: str, entry: _Entry, group: dict, kwargs: dict, scalars: dict, amp: dict) -> bool:
-        """CUDA, cuda_sim and Triton: the table checks, then this step's grad addresses go with
-        the rest of its pointer table to the backend's launch."""
-        if kwargs.get("first_step") or any(t is not None and t.numel() != 1 for t in amp.values()):
-            return False  # SGD's fresh momentum buffers, or AMP tensors the ops would refuse
-        grad_ptrs = entry.table.grad_pointers(group["params"])
-        if grad_ptrs is None:
-            return False
+    def _launch_elsewhere(family: str, entry: _Entry, kwargs: dict, scalars: dict, amp: dict) -> bool:
+        """CUDA, cuda_sim and Triton: this step's grad addresses, checked by `ready`, go with the
+        rest of the table's pointer table to the backend's launch."""
+        grad_ptrs, entry.grad_ptrs = entry.grad_ptrs, None
         lr, lr_tensor, grad_scale, found_inf = scalars["lr"], scalars.get("lr_tensor"), amp["grad_scale"], amp["found_inf"]
         if entry.backend == "triton":
             from .triton import launch  # imported with the backend, which this table was built for
@@ -135,6 +156,7 @@ class Tables:
 
     def end(self, state: dict) -> None:
         """At the end of a step: remember optimizer.state's entries if tables were (re)built."""
+        self._ready.clear()
         if self._learned or not self._state_unchanged:
             self._snapshot = ops.cpu_module().StateSnapshot(state)
             self._learned = False

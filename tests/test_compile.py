@@ -38,15 +38,25 @@ def _grads(model, step):
     model(x).pow(2).mean().backward()
 
 
+def _groups(model, groups):
+    """One param group, or two as most training scripts make them: weights with decay, biases without."""
+    if groups == 1:
+        return model.parameters()
+    return [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 0.01},
+            {"params": [p for p in model.parameters() if p.dim() == 1], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("groups", [1, 2], ids=["one-group", "two-groups"])
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_step_matches_eager_without_recompiling(backend, algo):
+def test_compiled_step_matches_eager_without_recompiling(backend, algo, groups):
     backend, device, lr_device = backend
     torch._dynamo.reset()
     eager_model, compiled_model = _model(device=device), _model(device=device)
     kwargs = dict(lr=torch.tensor(0.01, device=lr_device), backend=backend, **ALGOS[algo])
-    eager = getattr(fused_opt, algo)(eager_model.parameters(), **kwargs)
-    opt = getattr(fused_opt, algo)(compiled_model.parameters(), **{**kwargs, "lr": torch.tensor(0.01, device=lr_device)})
+    eager = getattr(fused_opt, algo)(_groups(eager_model, groups), **kwargs)
+    opt = getattr(fused_opt, algo)(_groups(compiled_model, groups),
+                                   **{**kwargs, "lr": torch.tensor(0.01, device=lr_device)})
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (eager, opt)]
     counter = CompileCounter()
 

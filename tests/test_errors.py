@@ -3,6 +3,7 @@ state untouched; a NaN in one gradient stays in that parameter."""
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -233,15 +234,16 @@ def test_a_kernel_failing_after_its_checks_is_not_retried(monkeypatch, error):
     assert torch.equal(p.detach(), -torch.arange(5.0))  # stepped once
 
 
-# A state tensor a user (or a bad checkpoint) broke, in the second of two (device, dtype) groups
-# of a param group or in its only one: every backend refuses the step before writing anything.
-# name -> (how the state is broken, what the error says)
+# A state tensor a user (or a bad checkpoint) broke: every backend refuses the step before writing
+# anything, and names the param by its place in param_groups.
+# name -> (how the state is broken, what the error says of it)
 BROKEN_STATES = {
-    "wrong-dtype": (lambda t: t.float() if t.dtype == torch.float64 else t.double(),
-                    r"exp_avg_sqs\[\d\] has dtype \S+ but its param has dtype"),
-    "wrong-shape": (lambda t: t.reshape(-1), r"exp_avg_sqs\[\d\] has shape \S+ and strides"),
+    "wrong-dtype": (lambda t: t.float() if t.dtype == torch.float64 else t.double(), r"has dtype \S+ but its param has dtype"),
+    "wrong-shape": (lambda t: t.reshape(-1), r"has shape \(15,\) but its param has shape \(5, 3\)"),
     "expanded": (lambda t: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape),
-                 r"exp_avg_sqs\[1\] has elements that are one memory location"),
+                 r"has elements that are one memory location"),
+    # the same tensor object, so optimizer.state looks unchanged: the group's table must notice
+    "resized-in-place": (lambda t: t.resize_(16), r"has shape \(16,\) but its param has shape \(5, 3\)"),
 }
 STATE_BACKENDS = [("cpu", "cpu"), ("cuda_sim", "cpu"), ("reference", "cpu"),
                   pytest.param("triton", "cpu", marks=INTERPRETER), pytest.param("cuda", "cuda", marks=ON_GPU),
@@ -249,31 +251,52 @@ STATE_BACKENDS = [("cpu", "cpu"), ("cuda_sim", "cpu"), ("reference", "cpu"),
 
 
 @pytest.mark.parametrize("backend,device", STATE_BACKENDS)
-@pytest.mark.parametrize("mixed", [False, True], ids=["one-dtype", "float32-and-float64"])
+@pytest.mark.parametrize("layout", ["one-group", "float32-and-float64", "two-groups"])
 @pytest.mark.parametrize("broken", BROKEN_STATES)
 @pytest.mark.parametrize("checks", ["c++", "python"])
-def test_a_broken_state_tensor_is_refused_before_anything_is_written(checks, broken, mixed, backend, device,
+def test_a_broken_state_tensor_is_refused_before_anything_is_written(checks, broken, layout, backend, device,
                                                                       monkeypatch):
+    """The broken tensor belongs to the second param, which is updated after the first: in the
+    float64 part of a param group that mixes dtypes (one kernel call each), or in a second param
+    group. Two steps first, so that the groups that can have tables have them."""
     if checks == "python":  # as where the CPU extension was not built (the CPU and CUDA kernels keep their own)
         monkeypatch.setattr(fused_opt.checks, "_compiled", lambda: False)
     torch.manual_seed(0)
-    # Mixed: the float32 group is updated first on the slow path, and must wait for the float64 group's checks.
     params = [torch.randn(4, 6, device=device, requires_grad=True),
-              torch.randn(5, 3, device=device, dtype=torch.float64 if mixed else torch.float32, requires_grad=True)]
-    opt = fused_opt.Adam(params, lr=0.1, amsgrad=True, backend=backend)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
+              torch.randn(5, 3, device=device, dtype=torch.float64 if layout == "float32-and-float64" else torch.float32,
+                          requires_grad=True)]
+    groups = [{"params": params[:1]}, {"params": params[1:]}] if layout == "two-groups" else params
+    opt = fused_opt.Adam(groups, lr=0.1, amsgrad=True, backend=backend)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
     make, message = BROKEN_STATES[broken]
     opt.state[params[1]]["exp_avg_sq"] = make(opt.state[params[1]]["exp_avg_sq"])
     before = [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
     for p in params:
         p.grad = torch.randn_like(p)
-    with pytest.raises(RuntimeError, match=message):
+    place = "param_groups[1]['params'][0]" if layout == "two-groups" else "param_groups[0]['params'][1]"
+    with pytest.raises(RuntimeError, match=re.escape(f"fused_opt.Adam: state['exp_avg_sq'] of {place} ") + message):
         opt.step()
     for p, saved, saved_state in zip(params, *before):
         assert torch.equal(p, saved)
         assert all(torch.equal(opt.state[p][k], v) for k, v in saved_state.items())
+
+
+def test_a_refused_step_names_the_param():
+    """Named params (torch.optim's named_parameters()) are named by their names too."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    named = list(model.named_parameters())
+    opt = fused_opt.SGD([{"params": named[:2]}, {"params": named[2:], "weight_decay": 0.1}], lr=0.1, momentum=0.9)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    opt.state[model[1].bias]["momentum_buffer"] = torch.zeros(3)
+    with pytest.raises(RuntimeError) as error:
+        opt.step()
+    assert str(error.value) == ("fused_opt.SGD: state['momentum_buffer'] of param_groups[1]['params'][1] ('1.bias') "
+                                "has shape (3,) but its param has shape (2,)")
+    assert "momentum_buffers[" in str(error.value.__cause__)  # the kernel's own words, kept as the cause
 
 
 @pytest.mark.parametrize("backend,device", STATE_BACKENDS)
@@ -287,7 +310,48 @@ def test_sgd_refusing_a_param_with_a_fresh_buffer_leaves_the_others_untouched(ba
     opt.step()
     before = stepped.detach().clone(), opt.state[stepped]["momentum_buffer"].clone()
     stepped.grad, shared.grad = torch.ones(4, device=device), torch.ones(4, device=device)
-    with pytest.raises(RuntimeError, match=r"params\[0\] has elements that are one memory location"):
+    with pytest.raises(RuntimeError, match=re.escape("fused_opt.SGD: param_groups[0]['params'][1] has elements that "
+                                                     "are one memory location")):
         opt.step()
     assert torch.equal(stepped, before[0]) and torch.equal(opt.state[stepped]["momentum_buffer"], before[1])
     assert "momentum_buffer" not in opt.state[shared]
+
+
+def _functional_call(family, broken):
+    """A family's functional call over two float32 params (SGD: the second gets its first momentum
+    buffer); `broken`: the first param's state has a wrong shape."""
+    torch.manual_seed(0)
+    params, grads = [torch.randn(6), torch.randn(2, 3)], [torch.randn(6), torch.randn(2, 3)]
+    state = [torch.rand(5 if broken else 6), torch.rand(2, 3)]
+    if family == "adam":
+        return fused_opt.functional.adam, (params, grads, state, [torch.rand_like(p) for p in params], [],
+                                           [torch.tensor(1.0), torch.tensor(1.0)]), dict(
+            amsgrad=False, beta1=0.9, beta2=0.99, lr=0.1, weight_decay=0.0, eps=1e-8, maximize=False)
+    if family == "rmsprop":
+        return fused_opt.functional.rmsprop, (params, grads, state, [], [], [torch.tensor(1.0), torch.tensor(1.0)]), dict(
+            lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False)
+    return fused_opt.functional.sgd, (params, grads, [state[0], None]), dict(
+        lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_sim"])
+@pytest.mark.parametrize("family", ["adam", "rmsprop", "sgd"])
+def test_functional_check_only_raises_what_the_step_would_and_writes_nothing(family, backend):
+    fn, lists, kwargs = _functional_call(family, broken=False)
+    before = [[None if t is None else t.clone() for t in lst] for lst in lists]
+    fn(*lists, **kwargs, backend=backend, check_only=True)
+    for lst, saved in zip(lists, before):  # SGD's fresh buffer is not made either
+        assert all(t is s is None or torch.equal(t, s) for t, s in zip(lst, saved))
+    fn(*lists, **kwargs, backend=backend)
+    assert not torch.equal(lists[0][0], before[0][0])  # the step itself writes
+    fn, lists, kwargs = _functional_call(family, broken=True)
+    before = [[None if t is None else t.clone() for t in lst] for lst in lists]
+    with pytest.raises(RuntimeError) as step_error:
+        fn(*lists, **kwargs, backend=backend)
+    with pytest.raises(RuntimeError) as check_error:
+        fn(*lists, **kwargs, backend=backend, check_only=True)
+    # the same words (the functional layer names the lists by its own argument names)
+    assert "[0] has shape [5]" in str(check_error.value)
+    assert str(check_error.value).split("[0]")[1] == str(step_error.value).split("[0]")[1]
+    for lst, saved in zip(lists, before):
+        assert all(t is s is None or torch.equal(t, s) for t, s in zip(lst, saved))

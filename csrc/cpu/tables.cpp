@@ -4,12 +4,13 @@
 //
 // A step through the ops converts every tensor of every list at the dispatcher and checks it again
 // (~0.2 us a tensor: most of a step for thousands of small tensors). A GroupTable remembers one
-// param group's tensors and the packed launch over them; each step it gets only the group's param
-// list and reads the grads itself. Before writing anything it checks that nothing it remembers has
-// changed: the same param objects with grads, in the same order; in each param's state dict the
-// same tensor objects; every tensor still with the storage, size, dtype and layout it was packed
-// with; grads that fit their params. If anything differs it declines (returns false) and the
-// optimizer takes the ordinary path, which rebuilds the table. StateSnapshot covers the one thing a
+// param group's tensors and the packed launch over them; each step its check() gets only the
+// group's param list, reads the grads itself and checks that nothing it remembers has changed:
+// the same param objects with grads, in the same order; in each param's state dict the same
+// tensor objects; every tensor still with the storage, size, dtype and layout it was packed with;
+// grads that fit their params. If anything differs it declines (returns false) and the optimizer
+// takes the ordinary path, which rebuilds the table; else the step runs in a second call, once
+// every group of the step has been checked. StateSnapshot covers the one thing a
 // table cannot see cheaply: entries of optimizer.state added, removed or replaced.
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -145,45 +146,62 @@ class GroupTable {
     }
   }
 
-  bool adam(const py::handle& params, double lr, double beta1, double beta2, double weight_decay, double eps,
-            bool amsgrad, bool maximize, bool decoupled_weight_decay, double l1, bool l1_proximal,
-            const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) {
-    if (family_ != Family::Adam || launch_.slot_mask != (amsgrad ? 0b11111 : 0b01111)) return false;
-    const AdamOptions o{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}};
-    return run(params, lr, lr_tensor, grad_scale, found_inf, [&] { cpu::adam(launch_, o); });
+  // Stepping is in two calls, so that an optimizer can check every group before it writes any:
+  // check(params) makes every check, keeps this step's grads and says whether the table can take
+  // the step; then the family's call (adam, rmsprop, sgd) runs it, without checking again, or
+  // declines (returns false) when check did not pass just before.
+  bool check(const py::handle& params) {
+    grads_.assign(entries_.size(), at::Tensor());
+    checked_ = PyList_Check(params.ptr()) && collect_grads(params.ptr(), grads_) && unchanged(grads_);
+    if (!checked_) grads_.clear();
+    return checked_;
   }
 
-  bool rmsprop(const py::handle& params, double lr, double alpha, double eps, double weight_decay, double momentum,
-               bool centered, bool maximize, double l1, bool l1_proximal, const OptTensor& lr_tensor,
-               const OptTensor& grad_scale, const OptTensor& found_inf) {
+  // Forgets what check kept (a step that raised before this table ran): the grads are not held.
+  void release() {
+    checked_ = false;
+    grads_.clear();
+  }
+
+  bool adam(double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+            bool decoupled_weight_decay, double l1, bool l1_proximal, const OptTensor& lr_tensor,
+            const OptTensor& grad_scale, const OptTensor& found_inf) {
+    if (family_ != Family::Adam || launch_.slot_mask != (amsgrad ? 0b11111 : 0b01111)) return false;
+    const AdamOptions o{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}};
+    return run(lr, lr_tensor, grad_scale, found_inf, [&] { cpu::adam(launch_, o); });
+  }
+
+  bool rmsprop(double lr, double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
+               double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+               const OptTensor& found_inf) {
     const int mask = 0b111 | (centered ? 0b1000 : 0) | (momentum > 0.0 ? 0b10000 : 0);
     if (family_ != Family::RMSprop || launch_.slot_mask != mask) return false;
     const RMSpropOptions o{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}};
-    return run(params, lr, lr_tensor, grad_scale, found_inf, [&] { cpu::rmsprop(launch_, o); });
+    return run(lr, lr_tensor, grad_scale, found_inf, [&] { cpu::rmsprop(launch_, o); });
   }
 
-  bool sgd(const py::handle& params, double lr, double weight_decay, double momentum, double dampening, bool nesterov,
-           bool maximize, bool first_step, double l1, bool l1_proximal, const OptTensor& lr_tensor,
-           const OptTensor& grad_scale, const OptTensor& found_inf) {
+  bool sgd(double lr, double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+           bool first_step, double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
+           const OptTensor& found_inf) {
     if (family_ != Family::SGD || first_step || launch_.slot_mask != (momentum != 0.0 ? 0b111 : 0b11)) return false;
     const SGDOptions o{momentum, dampening, nesterov, false, {maximize, weight_decay, false, l1, l1_proximal}};
-    return run(params, lr, lr_tensor, grad_scale, found_inf, [&] { cpu::sgd(launch_, o); });
+    return run(lr, lr_tensor, grad_scale, found_inf, [&] { cpu::sgd(launch_, o); });
   }
 
   size_t size() const { return entries_.size(); }
 
-  // For kernels launched elsewhere (the Triton backend): after the same checks as a CPU step,
-  // this step's grad addresses (int64, CPU), or None when the table declines.
-  std::optional<at::Tensor> grad_pointers(const py::handle& params) {
-    std::vector<at::Tensor> grads(entries_.size());
-    if (!PyList_Check(params.ptr()) || !collect_grads(params.ptr(), grads) || !unchanged(grads)) return std::nullopt;
+  // For kernels launched elsewhere (the CUDA and Triton backends): after check passed, this
+  // step's grad addresses (int64, CPU); the launch is theirs.
+  at::Tensor grad_pointers() {
+    TORCH_CHECK(checked_, "GroupTable.grad_pointers: check() did not pass");
     at::Tensor out = at::empty({static_cast<int64_t>(entries_.size())}, at::kLong);
     auto ptrs = out.accessor<int64_t, 1>();
     for (size_t i = 0; i < entries_.size(); ++i) ptrs[i] = reinterpret_cast<int64_t>(launch_.tensors[i].ptr[1]);
+    release();
     return out;
   }
 
-  // After grad_pointers accepted this step: adds one to each step counter if all live on the CPU
+  // After grad_pointers: adds one to each step counter if all live on the CPU
   // (here, without a per-tensor call from Python) and returns the new values (float64 [n]);
   // None when some live on the device (the caller advances those).
   std::optional<at::Tensor> advance_host_steps() {
@@ -223,14 +241,14 @@ class GroupTable {
   };
 
   template <typename Kernel>
-  bool run(const py::handle& params, double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale,
-           const OptTensor& found_inf, const Kernel& kernel) {
-    if (!device_.is_cpu()) return false;  // the CPU kernels; other devices use grad_pointers
+  bool run(double lr, const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf,
+           const Kernel& kernel) {
+    if (!checked_ || !device_.is_cpu()) return false;  // the CPU kernels; other devices use grad_pointers
     for (const OptTensor* t : {&lr_tensor, &grad_scale, &found_inf}) {
       if (t->has_value() && (!(*t)->defined() || (*t)->numel() != 1)) return false;  // the op says why
     }
-    std::vector<at::Tensor> grads(entries_.size());  // held until the kernel is done
-    if (!PyList_Check(params.ptr()) || !collect_grads(params.ptr(), grads) || !unchanged(grads)) return false;
+    const std::vector<at::Tensor> grads = std::move(grads_);  // held until the kernel is done
+    release();
     const StepScalars s = read_scalars(lr, lr_tensor, grad_scale, found_inf);
     if (s.skip) return true;
     const std::vector<double> steps = advance_steps(steps_);
@@ -307,6 +325,8 @@ class GroupTable {
   py::object step_key_;
   std::vector<Entry> entries_;
   std::vector<at::Tensor> steps_;
+  std::vector<at::Tensor> grads_;  // this step's, from check until the step runs
+  bool checked_ = false;
   Launch launch_;
 };
 
@@ -317,15 +337,17 @@ void bind_tables(py::module_& m) {
       .def(py::init<const py::dict&>(), py::arg("state"))
       .def("matches", &StateSnapshot::matches, py::arg("state"));
   const auto scalars = [](auto&& cls, const char* name, auto fn, auto... args) {
-    cls.def(name, fn, py::arg("params"), py::kw_only(), args..., py::arg("lr_tensor") = py::none(),
-            py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+    cls.def(name, fn, py::kw_only(), args..., py::arg("lr_tensor") = py::none(), py::arg("grad_scale") = py::none(),
+            py::arg("found_inf") = py::none());
   };
   py::class_<GroupTable> table(m, "GroupTable");
   table.def(py::init<const std::string&, const py::list&, const py::list&, const std::vector<std::optional<std::string>>&,
                      const std::optional<std::string>&>(),
             py::arg("family"), py::arg("params"), py::arg("states"), py::arg("keys"), py::arg("step_key"))
       .def("__len__", &GroupTable::size)
-      .def("grad_pointers", &GroupTable::grad_pointers, py::arg("params"))
+      .def("check", &GroupTable::check, py::arg("params"))
+      .def("release", &GroupTable::release)
+      .def("grad_pointers", &GroupTable::grad_pointers)
       .def("advance_host_steps", &GroupTable::advance_host_steps)
       .def("pointer_table", &GroupTable::pointer_table);
   scalars(table, "adam", &GroupTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
