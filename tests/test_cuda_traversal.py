@@ -290,7 +290,7 @@ def test_the_plan_of_tensors_over_2_31_elements():
 
 
 @pytest.mark.parametrize("path", ["op", "table"])
-@pytest.mark.parametrize("counters", ["device", "host"])
+@pytest.mark.parametrize("counters", ["device", "host", "both"])
 def test_a_failed_launch_leaves_params_and_state_untouched(path, counters):
     """A GPU launch can fail before it runs (an invalid configuration, say) and raises at once;
     the step counters advanced before it are put back, so the step raises with nothing changed,
@@ -298,7 +298,7 @@ def test_a_failed_launch_leaves_params_and_state_untouched(path, counters):
     device-counter path in cuda_sim, float64 ones the host path."""
     from fused_opt._C import set_failing_sim_launches
 
-    dtype = torch.float32 if counters == "device" else torch.float64
+    dtype = torch.float32 if counters != "host" else torch.float64
     params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in (5, 70000, 3)]
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the step counters' dtype follows it, as in torch.optim
@@ -310,6 +310,8 @@ def test_a_failed_launch_leaves_params_and_state_untouched(path, counters):
     finally:
         torch.set_default_dtype(default)
     assert opt.state[params[0]]["step"].dtype == dtype
+    if counters == "both":
+        opt.state[params[1]]["step"] = opt.state[params[1]]["step"].double()
     if path == "op":
         opt._tables = fused_opt.tables.Tables()  # forgets the group's table: the next step takes the op
     before = [p.detach().clone() for p in params]
@@ -326,3 +328,46 @@ def test_a_failed_launch_leaves_params_and_state_untouched(path, counters):
             assert torch.equal(opt.state[p][key], value), key
     opt.step()  # and the next step runs
     assert all(opt.state[p]["step"].item() == 2 for p in params)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=(
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")))])
+def test_a_group_with_both_kinds_of_step_counter(device):
+    """Device counters (float32 on the params' device: in cuda_sim, on the CPU) and host counters
+    (on a GPU, those on the CPU; in cuda_sim, float64 ones) in one group, as capturable switched on
+    mid-run leaves them: every param steps as torch.optim's, and a step skipped by found_inf (on the
+    device, as GradScaler keeps it) counts none of them."""
+    backend = "cuda_sim" if device == "cpu" else "cuda"
+    torch.manual_seed(0)
+    ours = [torch.randn(n, device=device, requires_grad=True) for n in (5, 7, 3)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = fused_opt.Adam(ours, lr=0.1, backend=backend)
+    ref = torch.optim.Adam(theirs, lr=0.1, foreach=False)
+
+    def step(with_grads, found_inf=None):
+        for i in with_grads:
+            g = torch.randn(ours[i].shape, device=device)
+            ours[i].grad, theirs[i].grad = g.clone(), g.clone()
+        opt.found_inf = found_inf
+        opt.step()
+        if found_inf is None or not found_inf.item():
+            ref.step()
+
+    step([0])
+    if device == "cuda":
+        opt.param_groups[0]["capturable"] = True  # new counters on the device
+    step([0, 1, 2])
+    if device == "cpu":
+        opt.state[ours[2]]["step"] = opt.state[ours[2]]["step"].double()  # the host kind, in cuda_sim
+    kinds = {(s.device.type, s.dtype) for s in (opt.state[p]["step"] for p in ours)}
+    assert len(kinds) == 2, kinds
+    step([0, 1, 2], found_inf=torch.ones((), device=device))
+    assert [float(opt.state[p]["step"]) for p in ours] == [2.0, 1.0, 1.0]
+    step([0, 1, 2], found_inf=torch.zeros((), device=device))
+    step([0, 1, 2])
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for p, q in zip(ours, theirs):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-6, atol=1e-7)
+        assert float(opt.state[p]["step"]) == float(ref.state[q]["step"])

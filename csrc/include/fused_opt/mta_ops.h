@@ -62,66 +62,68 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
   return out;
 }
 
-// Step counters: on the params' device (float32) they are advanced there by one foreach launch
-// and read by the kernels (no host sync; undone where found_inf is set, as torch's fused Adam
-// does); on the host they are advanced here and their values passed in the launch metadata.
+// Step counters: float32 ones on the params' device are advanced there by one foreach launch and
+// read by the kernels (no host sync; undone where found_inf is set, as torch's fused Adam does);
+// the others, on the host, are advanced here and their values passed in the launch metadata. A
+// group may hold both kinds (capturable switched on mid-run gives the new params device counters).
 struct Steps {
   std::vector<double> host;
-  std::vector<const float*> dev;
-  std::vector<at::Tensor> advanced;  // the counters this op advanced, for retreat()
-  bool on_device = false;
+  std::vector<const float*> dev;  // per tensor: its device counter, or null (then `host` holds the step)
+  std::vector<at::Tensor> on_device, on_host;  // the counters this op advanced, for retreat()
   std::optional<at::Tensor> undo;  // found_inf, subtracted from device counters after the advance
 
   // Puts the counters back when no launch was made (a launch that fails raises at once), so that
   // the op raises with nothing changed. On the device this may fail in turn (a launch error can
   // leave the device unusable): then the launch's error is the one that counts.
   void retreat() const {
-    if (advanced.empty()) return;
-    if (!on_device) {
-      for (const at::Tensor& s : advanced) {
-        if (s.scalar_type() == at::kFloat) *s.data_ptr<float>() -= 1.0f;
-        else *s.data_ptr<double>() -= 1.0;
-      }
-      return;
+    for (const at::Tensor& s : on_host) {
+      if (s.scalar_type() == at::kFloat) *s.data_ptr<float>() -= 1.0f;
+      else *s.data_ptr<double>() -= 1.0;
     }
+    if (on_device.empty()) return;
     try {
-      at::_foreach_sub_(advanced, 1);
-      if (undo) at::_foreach_add_(advanced, std::vector<at::Tensor>(advanced.size(), *undo));
+      at::_foreach_sub_(on_device, 1);
+      if (undo) at::_foreach_add_(on_device, std::vector<at::Tensor>(on_device.size(), *undo));
     } catch (...) {
     }
   }
 };
+
+inline bool device_counter(const at::Tensor& s, const at::Device& device) {
+  return s.device() == device && s.scalar_type() == at::kFloat;
+}
 
 inline Steps advance_steps(at::TensorList steps, const at::Device& device, const ScalarTensors& sc,
                            const OptTensor& found_inf) {
   Steps out;
   out.host.assign(steps.size(), 0.0);
   out.dev.assign(steps.size(), nullptr);
-  if (steps.empty()) return out;
-  if (steps[0].device() == device && steps[0].scalar_type() == at::kFloat) {
-    for (size_t i = 0; i < steps.size(); ++i) {
-      TORCH_CHECK(steps[i].device() == device && steps[i].scalar_type() == at::kFloat,
-                  "fused_opt: state_steps[", i, "] must be float32 on ", device, " like state_steps[0]");
+  for (size_t i = 0; i < steps.size(); ++i) {  // all checked before any is advanced
+    if (device_counter(steps[i], device)) {
+      out.on_device.push_back(steps[i]);
+    } else {
+      TORCH_CHECK(steps[i].device().is_cpu(), "fused_opt: state_steps[", i, "] must be on cpu or float32 on ", device);
     }
-    at::_foreach_add_(steps, 1);
-    out.advanced = steps.vec();
-    out.on_device = true;
+  }
+  const bool has_host = out.on_device.size() < steps.size();
+  // Host counters under a found_inf on the device: one sync, to know whether to count the step.
+  const bool host_skip = has_host && found_inf && !found_inf->device().is_cpu() && found_inf->item<double>() != 0.0;
+  if (!out.on_device.empty()) {
+    at::_foreach_add_(out.on_device, 1);
     if (found_inf && !found_inf->device().is_cpu()) {
       // One element of any shape (checked); 0-d like the counters, so the undo cannot fail after the advance.
       out.undo = found_inf->to(device, at::kFloat).reshape({});
-      at::_foreach_sub_(steps, std::vector<at::Tensor>(steps.size(), *out.undo));
+      at::_foreach_sub_(out.on_device, std::vector<at::Tensor>(out.on_device.size(), *out.undo));
     }
-    for (size_t i = 0; i < steps.size(); ++i) out.dev[i] = steps[i].data_ptr<float>();
-  } else {
-    for (size_t i = 0; i < steps.size(); ++i) {  // all checked before any is advanced
-      TORCH_CHECK(steps[i].device().is_cpu(), "fused_opt: state_steps[", i, "] must be on cpu or ", device);
-    }
-    if (found_inf && !found_inf->device().is_cpu() && found_inf->item<double>() != 0.0) return out;
-    for (size_t i = 0; i < steps.size(); ++i) {
-      at::Tensor s = steps[i];
+  }
+  for (size_t i = 0; i < steps.size(); ++i) {
+    at::Tensor s = steps[i];
+    if (device_counter(s, device)) {
+      out.dev[i] = s.data_ptr<float>();
+    } else if (!host_skip) {
       out.host[i] = s.scalar_type() == at::kFloat ? double(*s.data_ptr<float>() += 1.0f) : (*s.data_ptr<double>() += 1.0);
+      out.on_host.push_back(s);
     }
-    out.advanced = steps.vec();
   }
   return out;
 }
