@@ -29,6 +29,7 @@ _EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto", "mast
 # (once, in the same pass), so small updates accumulate instead of vanishing in 16-bit rounding.
 MASTER_KEY = "master_param"
 _HALF = (torch.float16, torch.bfloat16)
+_MISSING = object()  # a key that a dict did not hold
 
 
 def _check_range(name: str, value, low=0.0, high=None, high_open=True) -> None:
@@ -109,6 +110,7 @@ class FusedOptimizer(Optimizer):
         # skip_nonfinite: a step whose grads hold any NaN/Inf changes nothing and is counted.
         self.skip_nonfinite = skip_nonfinite
         self._skipped: Tensor | None = None
+        self._undo: list[tuple[dict, object, object]] = []  # see _state
         self._called = {"step": False}  # see _opt_called
         self._tables = tables.Tables()
 
@@ -135,6 +137,7 @@ class FusedOptimizer(Optimizer):
                 group.setdefault(key, value)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("_skipped", None)
+        self.__dict__.setdefault("_undo", [])
         self.__dict__.setdefault("_called", {"step": False})
         self._tables = tables.Tables()  # tables hold the old tensors: never carried over
 
@@ -183,16 +186,43 @@ class FusedOptimizer(Optimizer):
             if master is None:
                 for key, value in list(state.items()):
                     if key != "step" and isinstance(value, Tensor) and value.dtype in _HALF:
-                        state[key] = value.float()
-                master = state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
-                                                           copy=True)
+                        self._put(state, key, value.float())
+                master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+                self._put(state, MASTER_KEY, master)
             return master
         if MASTER_KEY in state:
-            del state[MASTER_KEY]
+            self._put(state, MASTER_KEY, _MISSING)
             for key, value in list(state.items()):
                 if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    state[key] = value.to(p.dtype)
+                    self._put(state, key, value.to(p.dtype))
         return None
+
+    # What a step changes in optimizer.state before its checks pass (the lazily made state, as
+    # torch.optim makes it; state slots an option switched on; master copies made or dropped) is
+    # noted, so that a step that raises can put it all back.
+    def _state(self, p: Tensor) -> dict:
+        """p's state dict, made empty if it has none."""
+        state = self.state.get(p)
+        if state is None:
+            state = self.state[p] = {}
+            self._undo.append((self.state, p, _MISSING))
+        return state
+
+    def _put(self, state: dict, key, value) -> None:
+        """state[key] = value (_MISSING: deleted)."""
+        self._undo.append((state, key, state.get(key, _MISSING)))
+        if value is _MISSING:
+            del state[key]
+        else:
+            state[key] = value
+
+    def _put_back(self) -> None:
+        for where, key, old in reversed(self._undo):
+            if old is _MISSING:
+                where.pop(key, None)
+            else:
+                where[key] = old
+        self._undo.clear()
 
     def _new_step(self, p: Tensor, group: dict) -> Tensor:
         # torch.optim's step counter: a CPU scalar, or on the param's device when capturable/fused.
@@ -261,12 +291,15 @@ class FusedOptimizer(Optimizer):
         fast = not torch.compiler.is_compiling() and tables.available()
         if fast:
             self._tables.begin(self.state)
+        self._undo = []
         try:
             self._step_groups(gathered, amp, fast)
         except BaseException:
             if fast:
                 self._tables.release()
+            self._put_back()
             raise
+        self._undo.clear()
         if fast:
             self._tables.end(self.state)
         return loss
@@ -409,16 +442,15 @@ class Adam(FusedOptimizer):
 
     def _prepare(self, group, params, grads, kwargs):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters = [], [], [], [], []
-        all_state = self.state
         for p in params:
-            state = all_state[p]
+            state = self._state(p)
             if not state:
                 state["step"] = self._new_step(p, group)
                 state["exp_avg"] = self._zeros(p, group)
                 state["exp_avg_sq"] = self._zeros(p, group)
             if group["amsgrad"]:
                 if "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = self._zeros(p, group)
+                    self._put(state, "max_exp_avg_sq", self._zeros(p, group))
             masters.append(self._master(p, state, group))
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
@@ -490,14 +522,14 @@ class RMSprop(FusedOptimizer):
     def _prepare(self, group, params, grads, kwargs):
         square_avgs, grad_avgs, momentum_buffers, steps, masters = [], [], [], [], []
         for p in params:
-            state = self.state[p]
+            state = self._state(p)
             if len(state) == 0:
                 state["step"] = self._new_step(p, group)
                 state["square_avg"] = self._zeros(p, group)
             if group["momentum"] > 0 and "momentum_buffer" not in state:
-                state["momentum_buffer"] = self._zeros(p, group)
+                self._put(state, "momentum_buffer", self._zeros(p, group))
             if group["centered"] and "grad_avg" not in state:
-                state["grad_avg"] = self._zeros(p, group)
+                self._put(state, "grad_avg", self._zeros(p, group))
             masters.append(self._master(p, state, group))
             if group["momentum"] > 0:
                 momentum_buffers.append(state["momentum_buffer"])
@@ -543,7 +575,7 @@ class SGD(FusedOptimizer):
         return {**FusedOptimizer._torch_defaults(), "nesterov": False, "fused": False}
 
     def _prepare(self, group, params, grads, kwargs):
-        masters = [self._master(p, self.state[p], group) for p in params]
+        masters = [self._master(p, self._state(p), group) for p in params]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
 
         def call(check_only: bool = False) -> None:

@@ -2,7 +2,8 @@
 mix float32 and float64 and contiguous, transposed and strided params (so the fast path, the
 slow path and their checks all take part); steps with some grads missing; checkpoints through
 torch.save and torch.load(weights_only=True) into a new optimizer; a param group added; lr
-edited. Params and every state tensor must follow torch's."""
+edited; steps refused for a broken state tensor, which must change nothing. Params and every
+state tensor must follow torch's."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ param_specs = st.lists(st.tuples(st.lists(st.integers(1, 5), min_size=1, max_siz
                                  st.sampled_from([torch.float32, torch.float64]),
                                  st.sampled_from(["contiguous", "transposed", "strided"])), min_size=1, max_size=5)
 # A step names which of up to 10 params (5 and 5 added) get a grad.
-step = st.tuples(st.just("step"), st.lists(st.booleans(), min_size=10, max_size=10))
-actions = st.lists(st.one_of(step, st.tuples(st.sampled_from(["checkpoint", "add-group", "halve-lr"]))),
+grads = st.lists(st.booleans(), min_size=10, max_size=10)
+step = st.tuples(st.just("step"), grads)
+# A step whose state tensor of one param with a grad (the n-th, cyclically) has the wrong shape.
+refused = st.tuples(st.just("refused-step"), grads, st.integers(0, 9))
+actions = st.lists(st.one_of(step, refused, st.tuples(st.sampled_from(["checkpoint", "add-group", "halve-lr"]))),
                    min_size=1, max_size=8)
 
 
@@ -42,6 +46,26 @@ def _make(spec, values: torch.Tensor, device: str) -> torch.Tensor:
     return values.requires_grad_()
 
 
+def _refused_step(opt, params, n: int) -> None:
+    """Breaks a state tensor of a param with a grad, steps, expects the step refused with params and
+    optimizer.state unchanged (no state made either), and puts the tensor back."""
+    targets = [p for p in params if p.grad is not None and any(k != "step" for k in opt.state.get(p, {}))]
+    if not targets:
+        return
+    state = opt.state[targets[n % len(targets)]]
+    key = min(k for k in state if k != "step")
+    good = state[key]
+    state[key] = torch.zeros(good.numel() + 1, dtype=good.dtype, device=good.device)
+    before = [p.detach().clone() for p in params], {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(RuntimeError, match=f"state\\['{key}'\\] of param_groups.* has shape"):
+        opt.step()
+    assert all(torch.equal(p, saved) for p, saved in zip(params, before[0]))
+    assert set(opt.state) == set(before[1])
+    for p, saved in before[1].items():
+        assert opt.state[p].keys() == saved.keys() and all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+    state[key] = good
+
+
 def _session(backend, algorithm, specs, extra_specs, actions, seed, device="cpu"):
     name, kwargs = algorithm
     g = torch.Generator().manual_seed(seed)
@@ -53,11 +77,14 @@ def _session(backend, algorithm, specs, extra_specs, actions, seed, device="cpu"
         params = [_make(s, v, device) for s, v in zip(specs, values)]
         opt = cls(params, lr=0.05, **kwargs, **options)
         for action, *args in actions:
-            if action == "step":
+            if action in ("step", "refused-step"):
                 for p, present in zip(params, args[0]):
                     p.grad = (torch.randn(p.shape, generator=grads, dtype=torch.float64).to(p.device, p.dtype)
                               if present else None)
-                opt.step()
+                if action == "step":
+                    opt.step()
+                elif impl == "ours":  # torch's does not step
+                    _refused_step(opt, params, args[1])
             elif action == "checkpoint":  # saved, loaded into a new optimizer over the same params
                 buffer = io.BytesIO()
                 torch.save(opt.state_dict(), buffer)
