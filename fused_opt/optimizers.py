@@ -291,7 +291,7 @@ class FusedOptimizer(Optimizer):
         fast = not torch.compiler.is_compiling() and tables.available()
         if fast:
             self._tables.begin(self.state)
-        self._undo = []
+        self._undo.clear()  # (not a new list: torch.compile may not set attributes of an optimizer)
         try:
             self._step_groups(gathered, amp, fast)
         except BaseException:
