@@ -90,6 +90,7 @@ class FusedOptimizer(Optimizer):
     """Shared machinery; subclasses set `family` and implement `_options`, `_state_keys` and `_prepare`."""
 
     family: str
+    _state_needed: tuple[str, ...] = ()  # the keys every (non-empty) state of a param holds
     # Params in a step are grouped per (device, dtype) and updated by one kernel call each, which
     # unscales grads by `grad_scale` and skips the step on `found_inf` (GradScaler's protocol).
     _step_supports_amp_scaling = True
@@ -154,6 +155,7 @@ class FusedOptimizer(Optimizer):
             dispatch.select(group["backend"], p.device, p.dtype)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_loadable(state_dict)
         ours = [{key: group[key] for key in _EXTRA_DEFAULTS} for group in self.param_groups]
         super().load_state_dict(state_dict)
         # A torch.optim state_dict has no l1/l1_mode/backend/master_weights: keep this optimizer's.
@@ -168,6 +170,27 @@ class FusedOptimizer(Optimizer):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
                     self.state[p][key] = value.to(p.device, copy=True)
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Refuses, before this optimizer changes, a state dict that another kind of optimizer saved
+        (an SGD checkpoint loaded into Adam, say): its param groups lack this one's hyperparameters
+        or its states lack this one's state. torch.optim finds some such mismatches (KeyError 'step'
+        at the load), others only at the first step, after the load replaced the optimizer's state."""
+        name = f"fused_opt.{type(self).__name__}"
+        needed = [k for k in self.defaults if k not in self._torch_defaults() and k not in _EXTRA_DEFAULTS]
+        ids = {}
+        for g, group in enumerate(state_dict.get("param_groups", [])):
+            missing = [k for k in needed if k not in group]
+            if missing:
+                raise ValueError(f"{name}: the loaded state dict's param group {g} has no "
+                                 f"{', '.join(map(repr, missing))}: it was saved by another kind of optimizer")
+            ids.update({pid: f"param_groups[{g}]['params'][{k}]" for k, pid in enumerate(group.get("params", []))})
+        for pid, state in state_dict.get("state", {}).items():
+            missing = [k for k in self._state_needed if state and k not in state]
+            if missing:
+                raise ValueError(f"{name}: the loaded state of {ids.get(pid, f'param {pid}')} has no "
+                                 f"{', '.join(map(repr, missing))} (it has {', '.join(map(repr, state))}): it was "
+                                 "saved by another kind of optimizer")
 
     @staticmethod
     def _state_dtype(p: Tensor, group: dict) -> torch.dtype:
@@ -418,6 +441,7 @@ class Adam(FusedOptimizer):
     """torch.optim.Adam, fused, with optional L1 (`l1`, `l1_mode`) and a `backend` choice."""
 
     family = "adam"
+    _state_needed = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float | Tensor = 0, amsgrad: bool = False, *, foreach: bool | None = None,
@@ -497,6 +521,7 @@ class RMSprop(FusedOptimizer):
     """torch.optim.RMSprop, fused, with optional L1 (`l1`, `l1_mode`) and a `backend` choice."""
 
     family = "rmsprop"
+    _state_needed = ("step", "square_avg")
 
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float | Tensor = 0, momentum: float = 0, centered: bool = False,

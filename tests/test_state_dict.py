@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,42 @@ def test_torch_state_dict_keeps_our_own_options():
     other = fused_opt.Adam([p.detach().clone().requires_grad_() for p in params], l1=0.5)
     other.load_state_dict(ours.state_dict())
     assert (other.param_groups[0]["l1"], other.param_groups[0]["backend"]) == (0.01, "reference")
+
+
+@pytest.mark.parametrize("source", ["torch", "fused_opt"])
+@pytest.mark.parametrize("saved,loaded", [(a, b) for a in CONFIGS for b in CONFIGS
+                                          if {a, b} != {"adam", "adamw"} and a != b])
+def test_a_state_dict_of_another_kind_of_optimizer_is_refused_before_anything_changes(saved, loaded, source):
+    """An SGD checkpoint loaded into Adam, say: refused at the load, naming what it lacks, and the
+    optimizer keeps its own state and hyperparameters (torch.optim replaces them, then fails at the
+    load or the first step, depending on the pair)."""
+    fused_cls, torch_cls = ALGORITHMS[saved][:2]
+    params, other = _fresh(torch_cls if source == "torch" else fused_cls, CONFIGS[saved])
+    _run(other, params, 2)
+    ours_p, ours = _fresh(ALGORITHMS[loaded][0], CONFIGS[loaded])
+    _run(ours, ours_p, 2)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0 has no '\w+'.*: it was saved by another kind of optimizer"):
+        ours.load_state_dict(other.state_dict())
+    after = ours.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, state in before["state"].items():
+        assert after["state"][i].keys() == state.keys()
+        assert all(torch.equal(after["state"][i][k], v) for k, v in state.items())
+
+
+def test_a_state_dict_missing_a_state_tensor_is_refused_before_anything_changes():
+    params, opt = _fresh(fused_opt.Adam, CONFIGS["adam"])
+    _run(opt, params, 2)
+    broken = copy.deepcopy(opt.state_dict())
+    del broken["state"][1]["exp_avg_sq"]
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=re.escape("the loaded state of param_groups[0]['params'][1] has no "
+                                                   "'exp_avg_sq' (it has 'step', 'exp_avg', 'max_exp_avg_sq')")):
+        opt.load_state_dict(broken)
+    assert all(torch.equal(opt.state[p]["exp_avg_sq"], before["state"][i]["exp_avg_sq"])
+               for i, p in enumerate(params))
 
 
 def _resume_configs():
