@@ -124,8 +124,8 @@ def check_writable(op: str, name: str, i: int | None, t: Tensor) -> None:
 
 def check_step(op: str, name: str, i: int | None, s: Tensor, p: Tensor) -> None:
     """A step counter: one float32 or float64 element, on the CPU or on its param's device."""
-    if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{op}: {_label(name, i)} must be a one-element float32 or float64 tensor")
+    if s.layout != torch.strided or s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: {_label(name, i)} must be a one-element dense float32 or float64 tensor")
     if s.device.type != "cpu" and s.device != p.device:
         raise RuntimeError(f"{op}: {_label(name, i)} is on {s.device}, expected cpu or {p.device}")
 

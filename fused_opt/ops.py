@@ -51,16 +51,27 @@ for _name, _schema in {**SCHEMAS, **VARIANTS}.items():
     _lib.define(_name + _schema)
 
 
-def _fake(params, *args, **kwargs) -> None:
-    # Every op only mutates its inputs in place: nothing to allocate, nothing to return. A list
-    # mixing devices would land here when one of them is "meta": refuse it, as the kernels do.
-    if len({p.device for p in params}) > 1:
-        raise RuntimeError("fused_opt: params of one call must share a device; call once per (device, dtype)")
-    return None
+def _fake(name: str):
+    """The op's fake (meta) implementation: every op only mutates its inputs in place, so nothing
+    to allocate or return, but the kernels' checks, made as torch.compile traces the op. Lists
+    mixing devices land here too, when one tensor is on "meta": refused, as a kernel would."""
+    family = name.rstrip("_").rsplit("_", 1)[-1]
+
+    def fake(params, grads, *lists, lr_tensor=None, grad_scale=None, found_inf=None, weight_decay_tensor=None,
+             **options) -> None:
+        from . import checks  # (it imports this module)
+
+        op = f"fused_opt::{name}"
+        states, rest = lists[:len(checks.STATE_LISTS[family])], lists[len(checks.STATE_LISTS[family]):]
+        steps = ("state_steps", rest[1], True) if len(rest) > 1 else ("", [], False)
+        checks.check_scalars(op, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                             weight_decay_tensor=weight_decay_tensor)
+        checks.check_group(op, params, grads, checks.op_lists(family, states, options), rest[0], steps)
+    return fake
 
 
 for _name in {**SCHEMAS, **VARIANTS}:
-    torch.library.register_fake(f"fused_opt::{_name}", _fake, lib=_lib)
+    torch.library.register_fake(f"fused_opt::{_name}", _fake(_name), lib=_lib)
 
 # Extension module -> why it could not be loaded (None once loaded).
 _NOT_TRIED = "not loaded yet"

@@ -371,13 +371,13 @@ class FusedOptimizer(Optimizer):
         the user knows it."""
         try:
             w.call(check_only=check_only)
-        except RuntimeError as error:
+        except (RuntimeError, TypeError, AttributeError) as error:  # (a state value that is not a tensor: either)
             culprit = self._culprit(w.index, w.group)
             if culprit is None:
                 raise
             raise culprit from error
 
-    def _culprit(self, index: int, group: dict) -> RuntimeError | None:
+    def _culprit(self, index: int, group: dict) -> Exception | None:
         """The error for the first param of group `index` whose grad or state the step refuses
         (the functional layer's checks, given per param), naming it by its place in param_groups
         and, for named params, by its name; None if each fits its param."""
@@ -390,17 +390,23 @@ class FusedOptimizer(Optimizer):
             place = f"param_groups[{index}]['params'][{k}]" + (f" ({names[k]!r})" if names else "")
             state = self.state.get(p, {})
             dtype = self._state_dtype(p, group)
-            tensors = [(f"state[{key!r}] of {place}", state[key], dtype) for key in slots if key in state]
+            tensors = [(f"state[{key!r}] of {place}", state[key], dtype) for key in slots
+                       if key in state and (state[key] is not None or key in self._state_needed)]  # SGD: None = new
             if MASTER_KEY in state:
                 tensors.append((f"state[{MASTER_KEY!r}] of {place}", state[MASTER_KEY], torch.float32))
+            if step_key in state:
+                tensors.append((f"state[{step_key!r}] of {place}", state[step_key], None))
             try:
                 checks.check_writable(op, place, None, p)
                 checks.check_like_param(op, f"grad of {place}", None, p.grad, p, p.dtype, strides=False)
                 for label, t, dtype in tensors:
-                    checks.check_like_param(op, label, None, t, p, dtype, strides=False)
-                    checks.check_writable(op, label, None, t)
-                if step_key in state:
-                    checks.check_step(op, f"state[{step_key!r}] of {place}", None, state[step_key], p)
+                    if not isinstance(t, Tensor):
+                        return TypeError(f"{op}: {label} is a {type(t).__name__}, not a tensor")
+                    if dtype is None:
+                        checks.check_step(op, label, None, t, p)
+                    else:
+                        checks.check_like_param(op, label, None, t, p, dtype, strides=False)
+                        checks.check_writable(op, label, None, t)
             except RuntimeError as error:
                 return error
         return None

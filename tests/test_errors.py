@@ -105,6 +105,8 @@ BAD_INPUTS = {
     "last_step_int": lambda p, g, m, v, s: (p, g, m, v, s[:-1] + [torch.zeros((), dtype=torch.long)]),
     "mixed_dtypes": lambda p, g, m, v, s: (p[:-1] + [p[-1].double()], g[:-1] + [g[-1].double()],
                                            m[:-1] + [m[-1].double()], v[:-1] + [v[-1].double()], s),
+    # dispatched to the fake implementation, which must refuse it too (it used to do nothing)
+    "state_on_meta": lambda p, g, m, v, s: (p, g, m[:-1] + [m[-1].to("meta")], v, s),
 }
 
 
@@ -114,13 +116,13 @@ def test_kernel_checks_leave_everything_untouched(bad, op_name):
     inputs = BAD_INPUTS[bad](*_adam_inputs())
     before = [[t.clone() for t in lst] for lst in inputs]
     op = getattr(torch.ops.fused_opt, op_name)
-    with pytest.raises(RuntimeError, match="fused_opt::adam_"):
+    with pytest.raises(RuntimeError, match="fused_opt::(cuda_sim_)?adam_"):
         op(inputs[0], inputs[1], inputs[2], inputs[3], [], [], inputs[4], lr=0.1, beta1=0.9, beta2=0.999,
            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
            l1_proximal=False)
     for lst, saved in zip(inputs, before):
         for t, s in zip(lst, saved):
-            assert torch.equal(t, s)
+            assert t.is_meta or torch.equal(t, s)
 
 
 AMP_BACKENDS = ["cpu", "reference", "cuda_sim",
@@ -236,14 +238,22 @@ def test_a_kernel_failing_after_its_checks_is_not_retried(monkeypatch, error):
 
 # A state tensor a user (or a bad checkpoint) broke: every backend refuses the step before writing
 # anything, and names the param by its place in param_groups.
-# name -> (how the state is broken, what the error says of it)
+# name -> (the state key, how its value is broken, the error, what it says of it)
 BROKEN_STATES = {
-    "wrong-dtype": (lambda t: t.float() if t.dtype == torch.float64 else t.double(), r"has dtype \S+ but its param has dtype"),
-    "wrong-shape": (lambda t: t.reshape(-1), r"has shape \(15,\) but its param has shape \(5, 3\)"),
-    "expanded": (lambda t: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape),
+    "wrong-dtype": ("exp_avg_sq", lambda t: t.float() if t.dtype == torch.float64 else t.double(), RuntimeError,
+                    r"has dtype \S+ but its param has dtype"),
+    "wrong-shape": ("exp_avg_sq", lambda t: t.reshape(-1), RuntimeError,
+                    r"has shape \(15,\) but its param has shape \(5, 3\)"),
+    "expanded": ("exp_avg_sq", lambda t: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape), RuntimeError,
                  r"has elements that are one memory location"),
     # the same tensor object, so optimizer.state looks unchanged: the group's table must notice
-    "resized-in-place": (lambda t: t.resize_(16), r"has shape \(16,\) but its param has shape \(5, 3\)"),
+    "resized-in-place": ("exp_avg_sq", lambda t: t.resize_(16), RuntimeError,
+                         r"has shape \(16,\) but its param has shape \(5, 3\)"),
+    # the dispatcher sends a call with a meta tensor to the ops' fake implementation, which checks
+    "on-meta": ("exp_avg_sq", lambda t: t.to("meta"), RuntimeError, r"is on meta but its param is on"),
+    "not-a-tensor": ("exp_avg_sq", lambda t: 0.0, TypeError, r"is a float, not a tensor"),
+    "sparse-step": ("step", lambda t: t.to_sparse(), RuntimeError,
+                    r"must be a one-element dense float32 or float64 tensor"),
 }
 STATE_BACKENDS = [("cpu", "cpu"), ("cuda_sim", "cpu"), ("reference", "cpu"),
                   pytest.param("triton", "cpu", marks=INTERPRETER), pytest.param("cuda", "cuda", marks=ON_GPU),
@@ -271,14 +281,16 @@ def test_a_broken_state_tensor_is_refused_before_anything_is_written(checks, bro
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    make, message = BROKEN_STATES[broken]
-    opt.state[params[1]]["exp_avg_sq"] = make(opt.state[params[1]]["exp_avg_sq"])
     before = [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    key, make, error, message = BROKEN_STATES[broken]
+    opt.state[params[1]][key] = broken_value = make(opt.state[params[1]][key])
     for p in params:
         p.grad = torch.randn_like(p)
     place = "param_groups[1]['params'][0]" if layout == "two-groups" else "param_groups[0]['params'][1]"
-    with pytest.raises(RuntimeError, match=re.escape(f"fused_opt.Adam: state['exp_avg_sq'] of {place} ") + message):
+    with pytest.raises(error, match=re.escape(f"fused_opt.Adam: state['{key}'] of {place} ") + message):
         opt.step()
+    del before[1][1][key]
+    assert opt.state[params[1]][key] is broken_value
     for p, saved, saved_state in zip(params, *before):
         assert torch.equal(p, saved)
         assert all(torch.equal(opt.state[p][k], v) for k, v in saved_state.items())

@@ -87,8 +87,9 @@ inline void check_group(const char* op, at::TensorList params, at::TensorList gr
     if (!masters.empty()) check_like_param(op, "master_params", i, masters[i], p, at::kFloat);
     if (steps.used) {
       const at::Tensor& s = steps.tensors[i];
-      TORCH_CHECK(s.defined() && s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                  op, ": ", steps.name, "[", i, "] must be a one-element float32 or float64 tensor");
+      TORCH_CHECK(s.defined() && s.layout() == at::kStrided && s.numel() == 1 &&
+                      (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                  op, ": ", steps.name, "[", i, "] must be a one-element dense float32 or float64 tensor");
     }
   }
 }
