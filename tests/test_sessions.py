@@ -8,6 +8,7 @@ state tensor must follow torch's."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -28,8 +29,18 @@ param_specs = st.lists(st.tuples(st.lists(st.integers(1, 5), min_size=1, max_siz
 # A step names which of up to 10 params (5 and 5 added) get a grad.
 grads = st.lists(st.booleans(), min_size=10, max_size=10)
 step = st.tuples(st.just("step"), grads)
-# A step whose state tensor of one param with a grad (the n-th, cyclically) has the wrong shape.
-refused = st.tuples(st.just("refused-step"), grads, st.integers(0, 9))
+# A step whose state of one param with a grad (the n-th, cyclically) is broken: how (key to break
+# -> new value; "tensor": its first state tensor, "step": its step counter).
+BREAKS = {
+    "wrong-shape": ("tensor", lambda t: torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)),
+    "wrong-dtype": ("tensor", lambda t: t.to(torch.float64 if t.dtype == torch.float32 else torch.float32)),
+    "expanded": ("tensor", lambda t: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)),
+    "on-meta": ("tensor", lambda t: t.to("meta")),
+    "not-a-tensor": ("tensor", lambda t: 0.5),
+    "step-of-two": ("step", lambda t: torch.zeros(2)),
+    "sparse-step": ("step", lambda t: t.to_sparse()),
+}
+refused = st.tuples(st.just("refused-step"), grads, st.integers(0, 9), st.sampled_from(sorted(BREAKS)))
 actions = st.lists(st.one_of(step, refused, st.tuples(st.sampled_from(["checkpoint", "add-group", "halve-lr"]))),
                    min_size=1, max_size=8)
 
@@ -46,24 +57,28 @@ def _make(spec, values: torch.Tensor, device: str) -> torch.Tensor:
     return values.requires_grad_()
 
 
-def _refused_step(opt, params, n: int) -> None:
-    """Breaks a state tensor of a param with a grad, steps, expects the step refused with params and
-    optimizer.state unchanged (no state made either), and puts the tensor back."""
-    targets = [p for p in params if p.grad is not None and any(k != "step" for k in opt.state.get(p, {}))]
+def _refused_step(opt, params, n: int, how: str) -> None:
+    """Breaks the state of a param with a grad, steps, expects the step refused with params and
+    optimizer.state unchanged (no state made either), and puts the state back."""
+    kind, make = BREAKS[how]
+    keys = {p: sorted(k for k in opt.state.get(p, {}) if (k == "step") == (kind == "step")) for p in params}
+    targets = [p for p in params if p.grad is not None and keys[p]]
     if not targets:
         return
-    state = opt.state[targets[n % len(targets)]]
-    key = min(k for k in state if k != "step")
+    target = targets[n % len(targets)]
+    state, key = opt.state[target], keys[target][0]
     good = state[key]
-    state[key] = torch.zeros(good.numel() + 1, dtype=good.dtype, device=good.device)
+    if how == "expanded" and good.numel() < 2:
+        return  # one element: nothing shares memory, the step would be right to run
     before = [p.detach().clone() for p in params], {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    with pytest.raises(RuntimeError, match=f"state\\['{key}'\\] of param_groups.* has shape"):
+    state[key] = make(good)
+    with pytest.raises((RuntimeError, TypeError), match=re.escape(f"state['{key}'] of param_groups[")):
         opt.step()
+    state[key] = good  # put back before the comparison: everything else must be as it was
     assert all(torch.equal(p, saved) for p, saved in zip(params, before[0]))
     assert set(opt.state) == set(before[1])
     for p, saved in before[1].items():
         assert opt.state[p].keys() == saved.keys() and all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
-    state[key] = good
 
 
 def _session(backend, algorithm, specs, extra_specs, actions, seed, device="cpu"):
@@ -84,7 +99,7 @@ def _session(backend, algorithm, specs, extra_specs, actions, seed, device="cpu"
                 if action == "step":
                     opt.step()
                 elif impl == "ours":  # torch's does not step
-                    _refused_step(opt, params, args[1])
+                    _refused_step(opt, params, *args[1:])
             elif action == "checkpoint":  # saved, loaded into a new optimizer over the same params
                 buffer = io.BytesIO()
                 torch.save(opt.state_dict(), buffer)
