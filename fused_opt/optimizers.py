@@ -349,6 +349,7 @@ class FusedOptimizer(Optimizer):
                 for w in ordinary[1:]:
                     self._explained(w, check_only=True)
             self._explained(ordinary[0])
+            self._undo.clear()  # written: what fails from here on (a launch) cannot be undone either
             self._learn(ordinary[0])
         for group, options in from_tables:
             if not self._tables.run(self.family, group, options, amp):  # after ready, only by a fault of ours

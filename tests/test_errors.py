@@ -236,6 +236,35 @@ def test_a_kernel_failing_after_its_checks_is_not_retried(monkeypatch, error):
     assert torch.equal(p.detach(), -torch.arange(5.0))  # stepped once
 
 
+def test_a_launch_failing_after_another_group_was_written_keeps_that_groups_state(monkeypatch):
+    """Once a group is written, a later failure (a launch) cannot undo it: the state that group's
+    step made (its first) stays with the params it updated."""
+    from fused_opt import dispatch
+
+    real_select, calls = dispatch.select, []
+
+    class SecondFails:
+        def __init__(self, backend):
+            self.backend, self.name = backend, backend.name
+
+        def kernel(self, family):
+            def run(*args, **kwargs):
+                calls.append(family)
+                if len(calls) == 2:
+                    raise torch.AcceleratorError("launch failed")
+                self.backend.kernel(family)(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(dispatch, "select", lambda *args: SecondFails(real_select(*args)))
+    first, second = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    opt = fused_opt.Adam([{"params": [first]}, {"params": [second]}], lr=0.1, backend="cpu")
+    first.grad, second.grad = torch.ones(3), torch.ones(4)
+    with pytest.raises(torch.AcceleratorError, match="launch failed"):
+        opt.step()
+    assert not torch.equal(first, torch.zeros(3)) and float(opt.state[first]["step"]) == 1.0
+    assert torch.equal(second, torch.zeros(4))
+
+
 # A state tensor a user (or a bad checkpoint) broke: every backend refuses the step before writing
 # anything, and names the param by its place in param_groups.
 # name -> (the state key, how its value is broken, the error, what it says of it)
