@@ -1,9 +1,11 @@
 """Functional API: lists of tensors in, in-place update, one op call per (device, dtype) group.
 
-Mirrors torch.optim's functional signatures (torch.optim.adam.adam etc.) plus `l1`, `l1_mode`
-and `backend`. This layer groups tensors, makes odd ones fit the kernels (complex params as real
-views; params or grads whose memory is not dense or not laid out alike go through contiguous
-copies that are written back), picks the backend (dispatch.py) and calls its op.
+Mirrors torch.optim's functional signatures (torch.optim.adam.adam etc.) plus `l1`, `l1_mode`,
+`backend`, `master_params` and `check_only` (raise what the step would refuse, write nothing: the
+optimizers check every param group so before they update any). This layer groups tensors, makes
+odd ones fit the kernels (complex params as real views; params or grads whose memory is not dense
+or not laid out alike go through contiguous copies that are written back), picks the backend
+(dispatch.py) and calls its op.
 """
 
 from __future__ import annotations
