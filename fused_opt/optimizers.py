@@ -110,7 +110,7 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         # skip_nonfinite: a step whose grads hold any NaN/Inf changes nothing and is counted.
         self.skip_nonfinite = skip_nonfinite
-        self._skipped: Tensor | None = None
+        self._tally: dict[str, Tensor | None] = {"skipped": None}  # a dict: see _opt_called
         self._undo: list[tuple[dict, object, object]] = []  # see _state
         self._called = {"step": False}  # see _opt_called
         self._tables = tables.Tables()
@@ -128,7 +128,7 @@ class FusedOptimizer(Optimizer):
         self._called["step"] = bool(value)
 
     def __getstate__(self) -> dict:  # pickle and deepcopy: torch's three entries and our options
-        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite, "_skipped": self._skipped}
+        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite, "_tally": self._tally}
 
     def __setstate__(self, state: dict) -> None:
         # Also runs at the end of load_state_dict: a torch.optim state_dict has no l1/backend keys.
@@ -137,7 +137,7 @@ class FusedOptimizer(Optimizer):
             for key, value in {**self._torch_defaults(), **_EXTRA_DEFAULTS}.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("skip_nonfinite", False)
-        self.__dict__.setdefault("_skipped", None)
+        self.__dict__.setdefault("_tally", {"skipped": self.__dict__.pop("_skipped", None)})
         self.__dict__.setdefault("_undo", [])
         self.__dict__.setdefault("_called", {"step": False})
         self._tables = tables.Tables()  # tables hold the old tensors: never carried over
@@ -268,7 +268,8 @@ class FusedOptimizer(Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped by skip_nonfinite=True because a gradient held NaN or Inf."""
-        return 0 if self._skipped is None else int(self._skipped.item())
+        skipped = self._tally["skipped"]
+        return 0 if skipped is None else int(skipped.item())
 
     def _nonfinite(self, grads: list[Tensor]) -> Tensor | None:
         """A one-element tensor, non-zero when any grad holds NaN/Inf, computed without a host sync."""
@@ -282,10 +283,13 @@ class FusedOptimizer(Optimizer):
         for gs in by_device.values():
             norms = torch._foreach_norm([torch.view_as_real(g) if g.is_complex() else g for g in gs], float("inf"))
             found += (~torch.stack(norms).isfinite()).any().to(device, torch.float32)
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.float32, device=device)
-        self._skipped += found.to(self._skipped.device) > 0
         return found
+
+    def _count_skipped(self, found: Tensor) -> None:
+        skipped = self._tally["skipped"]
+        if skipped is None:
+            skipped = self._tally["skipped"] = torch.zeros((), dtype=torch.float32, device=found.device)
+        skipped += found.to(skipped.device) > 0
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -302,11 +306,11 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         for i, group in enumerate(self.param_groups):
             _check_group_finite(i, group)
-        gathered = {}
+        gathered, ours = [], None
         found_inf = getattr(self, "found_inf", None)
         if self.skip_nonfinite:  # all groups are checked before any is updated
-            gathered = {id(group): self._grads_of(group) for group in self.param_groups}
-            ours = self._nonfinite([g for _, grads in gathered.values() for g in grads])
+            gathered = [self._grads_of(group) for group in self.param_groups]
+            ours = self._nonfinite([g for _, grads in gathered for g in grads])
             if ours is not None:
                 found_inf = ours if found_inf is None else found_inf + ours.to(found_inf.device)
         amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": found_inf}
@@ -323,11 +327,13 @@ class FusedOptimizer(Optimizer):
             self._put_back()
             raise
         self._undo.clear()
+        if ours is not None:
+            self._count_skipped(ours)
         if fast:
             self._tables.end(self.state)
         return loss
 
-    def _step_groups(self, gathered: dict, amp: dict, fast: bool) -> None:
+    def _step_groups(self, gathered: list, amp: dict, fast: bool) -> None:
         """Checks every param group's step, then takes them all: a step that raises leaves every
         group's params and state as they were. A table checks its group in `ready`; the other
         groups (the ordinary path) are checked through the functional layer, but for the one taken
@@ -341,7 +347,7 @@ class FusedOptimizer(Optimizer):
             if tabled and self._tables.ready(self.family, group, self._state_keys(group), amp):
                 from_tables.append((group, options))
                 continue
-            params, grads = gathered[id(group)] if gathered else self._grads_of(group)
+            params, grads = gathered[index] if gathered else self._grads_of(group)
             if params:
                 ordinary.append(self._work(index, group, options, tabled, params, grads, amp))
         if ordinary:

@@ -111,6 +111,33 @@ def test_compiled_step_with_master_weights(backend):
     assert counter.frame_count == frames_after_warmup
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_skips_nonfinite_grads(backend):
+    """skip_nonfinite=True in a compiled step, with two param groups: a step whose grads hold a NaN
+    changes nothing and is counted (the counter lives in a dict, which a compiled step may update),
+    and the trajectory is eager's."""
+    backend, device, lr_device = backend
+    torch._dynamo.reset()
+    eager_model, compiled_model = _model(device=device), _model(device=device)
+    kwargs = dict(lr=torch.tensor(0.01, device=lr_device), backend=backend, skip_nonfinite=True)
+    eager = fused_opt.AdamW(_groups(eager_model, 2), **kwargs)
+    opt = fused_opt.AdamW(_groups(compiled_model, 2), **{**kwargs, "lr": torch.tensor(0.01, device=lr_device)})
+    step = torch.compile(opt.step, fullgraph=True)
+    for i in range(4):
+        _grads(eager_model, i)
+        _grads(compiled_model, i)
+        if i == 2:
+            for model in (eager_model, compiled_model):
+                model[2].bias.grad[0] = float("nan")
+        before = [p.detach().clone() for p in compiled_model.parameters()]
+        eager.step()
+        step()
+        assert (i == 2) == all(torch.equal(p, b) for p, b in zip(compiled_model.parameters(), before))
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert opt.skipped_steps == eager.skipped_steps == 1
+
+
 def test_tensor_betas_are_refused_clearly_under_compile():
     # The kernels take betas as numbers, read from Tensor betas on the host in eager mode only.
     torch._dynamo.reset()
