@@ -209,7 +209,9 @@ def machine(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    kernels = fused_opt.ops.cpu_module().cpu_kernels() if fused_opt.ops.load_extensions()["fused_opt._C"] is None else None
     return {"cpu": cpu, "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_kernels": kernels,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": triton_version, "python": platform.python_version(),
             "fused_opt": fused_opt.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -302,7 +304,8 @@ def markdown(report: dict) -> str:
     where = f"GPU {m['gpu']} (CUDA {m['cuda']}, Triton {m['triton']}); host " if report["device"] == "cuda" else ""
     gpu = report["device"] == "cuda"
     kind = "device-to-device copy" if gpu else "in-place axpy"
-    lines = [f"{where}CPU {m['cpu']}, {m['threads']} threads ({m['cpu_capability']}); torch {m['torch']}, "
+    lines = [f"{where}CPU {m['cpu']}, {m['threads']} threads ({m['cpu_capability']}"
+             + (f"; fused_opt's {m['cpu_kernels']} kernels" if m.get("cpu_kernels") else "") + f"); torch {m['torch']}, "
              f"Python {m['python']}, fused_opt {m['fused_opt']}; {m['date']}; median of {report['reps']} steps"
              + (" (quick mode: scaled-down lists)" if report["quick"] else ""), "",
              "| params | dtype | algorithm | provider | ms (min-max) | GB/s | of ceiling | extra MB | vs best torch |"

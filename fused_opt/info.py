@@ -18,10 +18,19 @@ def _cuda_code() -> str:
     return ", ".join(map(str, fatbin.images(ops.cuda_module().__file__))) or "none found"
 
 
+def _cpu_kernels() -> str:
+    """Which compiled variant of the CPU kernels runs (the widest this CPU and torch use)."""
+    why = ops.load_extensions()["fused_opt._C"]
+    if why is not None:
+        return f"none ({why})"
+    return f"{ops.cpu_module().cpu_kernels()} (this CPU runs {', '.join(ops.cpu_module().cpu_kernels_available())})"
+
+
 def report() -> str:
     lines = [f"fused_opt {fused_opt.__version__}", f"torch {torch.__version__} (CUDA {torch.version.cuda})",
              f"python {platform.python_version()} on {platform.machine()}",
              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
+             f"CPU kernels: {_cpu_kernels()}",
              f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
              f"CUDA extension code: {_cuda_code()}",
              "backends:"]

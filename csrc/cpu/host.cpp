@@ -1,7 +1,9 @@
 // Host helpers of the CPU kernels (declared in launch.h): packing a launch, reading the per-step
 // scalars, advancing step counters, and choosing the kernels of this CPU's capability.
-#include <cstdlib>
-#include <cstring>
+#include <ATen/Version.h>
+
+#include <atomic>
+#include <string>
 
 #include "launch.h"
 
@@ -39,24 +41,58 @@ std::vector<double> advance_steps(at::TensorList steps) {
 }
 
 namespace {
-bool use_avx2() {
-  static const bool yes = [] {
+// The widest kernels this CPU can run, capped by torch's own choice (so ATEN_CPU_CAPABILITY=avx2
+// or =default picks ours as it picks torch's).
+Kernels best_kernels() {
 #if defined(__x86_64__) && defined(__GNUC__)
-    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");  // torch's own override
-    if (forced && std::strcmp(forced, "default") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
+  const std::string torch_choice = at::get_cpu_capability();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (torch_choice == "AVX512" && avx512) return Kernels::AVX512;
+  if ((torch_choice == "AVX512" || torch_choice == "AVX2") && avx2) return Kernels::AVX2;
 #endif
-  }();
-  return yes;
+  return Kernels::DEFAULT;
+}
+
+std::atomic<Kernels>& chosen() {
+  static std::atomic<Kernels> kernels{best_cpu_kernels()};
+  return kernels;
 }
 }  // namespace
 
-void adam(const Launch& launch, const AdamOptions& o) { use_avx2() ? AVX2::adam(launch, o) : DEFAULT::adam(launch, o); }
-void rmsprop(const Launch& launch, const RMSpropOptions& o) {
-  use_avx2() ? AVX2::rmsprop(launch, o) : DEFAULT::rmsprop(launch, o);
+Kernels best_cpu_kernels() {
+  static const Kernels best = best_kernels();
+  return best;
 }
-void sgd(const Launch& launch, const SGDOptions& o) { use_avx2() ? AVX2::sgd(launch, o) : DEFAULT::sgd(launch, o); }
+
+Kernels cpu_kernels() { return chosen().load(std::memory_order_relaxed); }
+
+void use_cpu_kernels(Kernels kernels) {
+  TORCH_CHECK(kernels <= best_cpu_kernels(), "fused_opt: this CPU cannot run the ", kernels_name(kernels),
+              " kernels (the best it runs: ", kernels_name(best_cpu_kernels()), ")");
+  chosen().store(kernels);
+}
+
+const char* kernels_name(Kernels kernels) {
+  switch (kernels) {
+    case Kernels::AVX512: return "AVX512";
+    case Kernels::AVX2: return "AVX2";
+    default: return "DEFAULT";
+  }
+}
+
+#define FUSED_OPT_CALL_CPU_KERNEL(NAME, OPTIONS)                      \
+  void NAME(const Launch& launch, const OPTIONS& o) {                 \
+    switch (cpu_kernels()) {                                          \
+      case Kernels::AVX512: return AVX512::NAME(launch, o);           \
+      case Kernels::AVX2: return AVX2::NAME(launch, o);               \
+      default: return DEFAULT::NAME(launch, o);                       \
+    }                                                                 \
+  }
+FUSED_OPT_CALL_CPU_KERNEL(adam, AdamOptions)
+FUSED_OPT_CALL_CPU_KERNEL(rmsprop, RMSpropOptions)
+FUSED_OPT_CALL_CPU_KERNEL(sgd, SGDOptions)
+#undef FUSED_OPT_CALL_CPU_KERNEL
 
 }  // namespace fused_opt::cpu

@@ -1,6 +1,6 @@
 // What the CPU kernels receive: raw pointers per tensor, the chunks to spread over threads, and
 // the per-call scalars. Built (after every check) by ops_cpu.cpp; consumed by kernels.h, which is
-// compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp).
+// compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -53,6 +53,7 @@ struct Launch {
 
 FUSED_OPT_DECLARE_CPU_KERNELS(DEFAULT)
 FUSED_OPT_DECLARE_CPU_KERNELS(AVX2)
+FUSED_OPT_DECLARE_CPU_KERNELS(AVX512)
 
 // Host helpers shared by the ops (ops_cpu.cpp) and the cached group tables (tables.cpp);
 // defined in host.cpp.
@@ -76,7 +77,15 @@ StepScalars read_scalars(double lr, const std::optional<at::Tensor>& lr_tensor,
 // Adds one to each (CPU, float32/float64, already checked) step counter; returns the new values.
 std::vector<double> advance_steps(at::TensorList steps);
 
-// The kernels of the best capability this CPU has (AVX2+FMA or the generic ones).
+// Which compiled kernels run: the widest this CPU has and torch itself uses (cpu_kernels() starts
+// as best_cpu_kernels()); tests switch with use_cpu_kernels() to run every variant on one machine.
+enum class Kernels { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
+Kernels cpu_kernels();
+Kernels best_cpu_kernels();
+void use_cpu_kernels(Kernels kernels);  // refuses kernels this CPU cannot run
+const char* kernels_name(Kernels kernels);
+
+// The kernels of the variant cpu_kernels() names.
 void adam(const Launch& launch, const AdamOptions& o);
 void rmsprop(const Launch& launch, const RMSpropOptions& o);
 void sgd(const Launch& launch, const SGDOptions& o);

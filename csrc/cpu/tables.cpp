@@ -384,4 +384,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_failing_sim_launches", &fused_opt::mta::set_failing_sim_launches, py::arg("count"),
         "For tests: the next `count` launches of backend='cuda_sim' fail, as a GPU launch can.");
   fused_opt::mta::bind_launch_plan(m);
+  using fused_opt::cpu::Kernels;
+  m.def("cpu_kernels", [] { return std::string(fused_opt::cpu::kernels_name(fused_opt::cpu::cpu_kernels())); },
+        "The CPU kernels the ops run: AVX512, AVX2 or DEFAULT (the widest this CPU and torch use).");
+  m.def("cpu_kernels_available", [] {
+        std::vector<std::string> names;
+        for (int k = 0; k <= static_cast<int>(fused_opt::cpu::best_cpu_kernels()); ++k) {
+          names.emplace_back(fused_opt::cpu::kernels_name(static_cast<Kernels>(k)));
+        }
+        return names;
+      }, "The CPU kernel variants this CPU can run, narrowest first.");
+  m.def("use_cpu_kernels", [](const std::string& name) {
+        for (int k = 0; k <= static_cast<int>(Kernels::AVX512); ++k) {
+          if (name == fused_opt::cpu::kernels_name(static_cast<Kernels>(k))) {
+            return fused_opt::cpu::use_cpu_kernels(static_cast<Kernels>(k));
+          }
+        }
+        throw py::value_error("fused_opt: no CPU kernels named '" + name + "' (AVX512, AVX2 or DEFAULT)");
+      }, py::arg("name"), "For tests and benchmarks: run another compiled variant of the CPU kernels.");
 }
