@@ -5,18 +5,7 @@
 #include "baseline_headers.h"
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx2_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
