@@ -30,7 +30,7 @@ GROUPS = sorted({(c.algo, c.dtype, c.master) for c in CASES})
 
 def _variant_param(name):
     runs = name in _C.cpu_kernels_available()
-    return pytest.param(name, id=name, marks=pytest.mark.skipif(not runs, reason=f"this CPU cannot run {name}"))
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(not runs, reason=f"{name} kernels cannot run here"))
 
 
 @pytest.fixture
@@ -81,15 +81,19 @@ def test_an_unknown_or_unrunnable_variant_is_refused(restore_kernels):
     with pytest.raises(ValueError, match=r"no CPU kernels named 'SSE4' \(AVX512, AVX2 or DEFAULT\)"):
         _C.use_cpu_kernels("SSE4")
     if PICKED != "AVX512":
-        with pytest.raises(RuntimeError, match=rf"this CPU cannot run the AVX512 kernels \(the best it runs: {PICKED}\)"):
+        with pytest.raises(RuntimeError, match=rf"the AVX512 kernels cannot run here \(the widest this CPU and torch's CPU capability allow: {PICKED}\)"):
             _C.use_cpu_kernels("AVX512")
     assert _C.cpu_kernels() == PICKED
 
 
 def test_torchs_capability_override_caps_ours_too():
-    """ATEN_CPU_CAPABILITY=default makes torch run its generic kernels; ours follow."""
-    code = "import fused_opt._C as C; print(C.cpu_kernels())"
+    """ATEN_CPU_CAPABILITY=default makes torch run its generic kernels; ours follow, and wider
+    ones are refused."""
+    code = ("import fused_opt._C as C\nprint(C.cpu_kernels())\n"
+            "try:\n    C.use_cpu_kernels('AVX2')\nexcept RuntimeError as e:\n    print(e)")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-1] == "DEFAULT"
-
+    lines = out.stdout.splitlines()
+    assert lines[0] == "DEFAULT"
+    assert lines[1].startswith("fused_opt: the AVX2 kernels cannot run here (the widest this CPU and torch's "
+                               "CPU capability allow: DEFAULT)"), out.stdout

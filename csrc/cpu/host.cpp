@@ -69,8 +69,9 @@ Kernels best_cpu_kernels() {
 Kernels cpu_kernels() { return chosen().load(std::memory_order_relaxed); }
 
 void use_cpu_kernels(Kernels kernels) {
-  TORCH_CHECK(kernels <= best_cpu_kernels(), "fused_opt: this CPU cannot run the ", kernels_name(kernels),
-              " kernels (the best it runs: ", kernels_name(best_cpu_kernels()), ")");
+  TORCH_CHECK(kernels <= best_cpu_kernels(), "fused_opt: the ", kernels_name(kernels),
+              " kernels cannot run here (the widest this CPU and torch's CPU capability allow: ",
+              kernels_name(best_cpu_kernels()), ")");
   chosen().store(kernels);
 }
 

@@ -82,7 +82,7 @@ std::vector<double> advance_steps(at::TensorList steps);
 enum class Kernels { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
 Kernels cpu_kernels();
 Kernels best_cpu_kernels();
-void use_cpu_kernels(Kernels kernels);  // refuses kernels this CPU cannot run
+void use_cpu_kernels(Kernels kernels);  // refuses kernels wider than best_cpu_kernels()
 const char* kernels_name(Kernels kernels);
 
 // The kernels of the variant cpu_kernels() names.
