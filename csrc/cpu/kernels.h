@@ -102,11 +102,13 @@ void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& 
       if constexpr (S::master) std::tie(lo[0], hi[0]) = SlotIO<scalar_t, float>::load(master + i);
       fn(lo);
       fn(hi);
-      if constexpr (S::master) SlotIO<scalar_t, float>::store(master + i, lo[0], hi[0]);
-      if (S::stored(0)) SlotIO<scalar_t, scalar_t>::store(own[0] + i, lo[0], hi[0]);
+      // States before the param, in torch's order: measured 6% faster for bf16 Adam on AVX2
+      // (gpt2-small, 1.10-1.16x torch fused before, 1.03-1.08x after).
       for (int k = 2; k < kSlots; ++k) {
         if (S::stored(k)) SlotIO<scalar_t, state_t>::store(states[k - 2] + i, lo[k], hi[k]);
       }
+      if constexpr (S::master) SlotIO<scalar_t, float>::store(master + i, lo[0], hi[0]);
+      if (S::stored(0)) SlotIO<scalar_t, scalar_t>::store(own[0] + i, lo[0], hi[0]);
     } else {
       std::array<OVec, kSlots> x;
       for (int k = 0; k < 2; ++k) {
@@ -116,10 +118,10 @@ void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& 
         if (S::loaded(k)) x[k] = OVec::loadu(states[k - 2] + i);
       }
       fn(x);
-      if (S::stored(0)) x[0].store(own[0] + i);
       for (int k = 2; k < kSlots; ++k) {
         if (S::stored(k)) x[k].store(states[k - 2] + i);
       }
+      if (S::stored(0)) x[0].store(own[0] + i);
     }
   }
   for (; i < n; ++i) {
