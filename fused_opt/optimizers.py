@@ -12,6 +12,7 @@ Each step reads every hyperparameter from param_groups, gathers the params that 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 from typing import Callable, NamedTuple
@@ -30,6 +31,59 @@ _EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto", "mast
 MASTER_KEY = "master_param"
 _HALF = (torch.float16, torch.bfloat16)
 _MISSING = object()  # a key that a dict did not hold
+
+
+# The constructors' arguments, described once; each class's docstring lists its own, in its
+# signature's order, with the signature's defaults (_document below).
+_ARGS = {
+    "params": ("iterable", "params to optimize, or dicts defining param groups (named_parameters() too)"),
+    "lr": ("float or Tensor", "learning rate; a one-element Tensor is read where the kernel runs, at every step"),
+    "betas": ("tuple of 2 floats or Tensors", "running-average coefficients of the gradient and its square"),
+    "eps": ("float", "added to the denominator for numerical stability"),
+    "weight_decay": ("float or Tensor", "L2 penalty: g += weight_decay * p (coupled)"),
+    "amsgrad": ("bool", "use the maximum of past squared-gradient averages (AMSGrad)"),
+    "alpha": ("float", "smoothing constant of the squared-gradient average"),
+    "momentum": ("float", "momentum factor"),
+    "centered": ("bool", "normalize by the estimated variance of the gradient"),
+    "dampening": ("float", "dampening for momentum"),
+    "nesterov": ("bool", "Nesterov momentum"),
+    "maximize": ("bool", "maximize the objective instead of minimizing it"),
+    "foreach": ("bool", "accepted for torch.optim compatibility: fused_opt always makes one fused call per "
+                        "(device, dtype) group"),
+    "capturable": ("bool", "step counters on the params' device, so a step can be captured in a CUDA graph"),
+    "differentiable": ("bool", "must be False: the kernels update params in place, outside autograd"),
+    "fused": ("bool", "accepted; True keeps step counters on the params' device, as torch's fused "
+                      "optimizers do (no host sync under GradScaler)"),
+    "decoupled_weight_decay": ("bool", "AdamW's decay, p *= 1 - lr * weight_decay before the update"),
+    "l1": ("float", "L1 penalty strength, applied in the same pass"),
+    "l1_mode": ("str", '"subgradient": g += l1 * sign(p); "proximal": after the update '
+                       "p = sign(p) * max(|p| - lr * l1, 0), which gives exact zeros"),
+    "backend": ("str", '"auto", "cpu", "cuda", "triton" or "reference"; "auto" takes the first usable for each '
+                       "(device, dtype) group; the environment variable FUSED_OPT_BACKEND replaces it"),
+    "skip_nonfinite": ("bool", "a step whose grads hold NaN or Inf changes no param or state, and is counted "
+                               "in `skipped_steps`"),
+    "master_weights": ("bool", f"float16/bfloat16 params keep a float32 copy (state['{MASTER_KEY}']) and "
+                               "float32 states; the update runs on the copy"),
+}
+
+
+def _documented(summary: str, **override: str):
+    """Class decorator: a torch.optim-style docstring, `summary` and then the constructor's
+    arguments with their defaults (`override`: this class's own wording for an argument)."""
+    def document(cls):
+        lines = [summary, "", "Args:"]
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if name == "self":
+                continue
+            kind, text = _ARGS[name]
+            text = override.get(name, text)
+            if parameter.default is inspect.Parameter.empty:
+                lines.append(f"    {name} ({kind}): {text}.")
+            else:
+                lines.append(f"    {name} ({kind}, optional): {text} (default: {parameter.default!r}).")
+        cls.__doc__ = "\n".join(lines)
+        return cls
+    return document
 
 
 def _check_range(name: str, value, low=0.0, high=None, high_open=True) -> None:
@@ -450,8 +504,8 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
 
+@_documented("torch.optim.Adam, fused: the update, L2 and L1 weight decay in one pass over memory.")
 class Adam(FusedOptimizer):
-    """torch.optim.Adam, fused, with optional L1 (`l1`, `l1_mode`) and a `backend` choice."""
 
     family = "adam"
     _state_needed = ("step", "exp_avg", "exp_avg_sq")
@@ -511,8 +565,10 @@ class Adam(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None), "step"
 
 
+@_documented("torch.optim.AdamW (Adam with decoupled weight decay), fused: the update, weight decay "
+             "and L1 in one pass over memory.",
+             weight_decay="decoupled weight decay: p *= 1 - lr * weight_decay before the update")
 class AdamW(Adam):
-    """torch.optim.AdamW (Adam with decoupled weight decay, default 1e-2), fused, with optional L1."""
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float | Tensor = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
@@ -530,8 +586,9 @@ class AdamW(Adam):
             group["decoupled_weight_decay"] = True  # as torch.optim.AdamW
 
 
+@_documented("torch.optim.RMSprop, fused: the update, L2 and L1 weight decay in one pass over memory.",
+             eps="added to the denominator, outside the square root")
 class RMSprop(FusedOptimizer):
-    """torch.optim.RMSprop, fused, with optional L1 (`l1`, `l1_mode`) and a `backend` choice."""
 
     family = "rmsprop"
     _state_needed = ("step", "square_avg")
@@ -587,8 +644,9 @@ class RMSprop(FusedOptimizer):
                 "momentum_buffer" if group["momentum"] > 0 else None), "step"
 
 
+@_documented("torch.optim.SGD (plain gradient descent when momentum=0; momentum, Nesterov), fused: "
+             "the update, L2 and L1 weight decay in one pass over memory.")
 class SGD(FusedOptimizer):
-    """torch.optim.SGD (plain gradient descent when momentum=0), fused, with optional L1 and a `backend`."""
 
     family = "sgd"
 

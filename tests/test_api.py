@@ -4,6 +4,7 @@ add_param_group, named params, complex params, GradScaler."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -147,3 +148,24 @@ def test_grad_scaler_step_does_not_sync_with_device_step_counters(backend):
         scaler.update()
     assert all(opt.state[p]["step"].device.type == "cuda" and opt.state[p]["step"].item() == 4
                for p in model.parameters())
+
+
+@pytest.mark.parametrize("algo", ["Adam", "AdamW", "RMSprop", "SGD"])
+def test_constructor_is_torch_optims_and_documented(algo):
+    """Every torch.optim argument, with its default and in its place (positional ones in torch's
+    order); ours come after, keyword-only. help() lists each argument with its default."""
+    ours = inspect.signature(getattr(fused_opt, algo).__init__).parameters
+    theirs = inspect.signature(getattr(torch.optim, algo).__init__).parameters
+    positional = [inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY]
+    assert [n for n, p in theirs.items() if p.kind in positional] == [n for n, p in ours.items() if p.kind in positional]
+    for name, p in theirs.items():
+        assert name in ours, name
+        assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
+    for name in set(ours) - set(theirs):
+        assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY, name
+    doc = getattr(fused_opt, algo).__doc__
+    for name, p in ours.items():
+        if name != "self":
+            default = "" if p.default is inspect.Parameter.empty else f"(default: {p.default!r})."
+            line = next((line for line in doc.splitlines() if line.strip().startswith(f"{name} (")), None)
+            assert line is not None and line.endswith(default), (name, line)
