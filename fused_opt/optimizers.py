@@ -50,10 +50,12 @@ _ARGS = {
     "maximize": ("bool", "maximize the objective instead of minimizing it"),
     "foreach": ("bool", "accepted for torch.optim compatibility: fused_opt always makes one fused call per "
                         "(device, dtype) group"),
-    "capturable": ("bool", "step counters on the params' device, so a step can be captured in a CUDA graph"),
+    "capturable": ("bool", "a step may be captured in a CUDA graph: step counters, and lr and weight decay "
+                           "given as Tensors, are read on the params' device"),
     "differentiable": ("bool", "must be False: the kernels update params in place, outside autograd"),
-    "fused": ("bool", "accepted; True keeps step counters on the params' device, as torch's fused "
-                      "optimizers do (no host sync under GradScaler)"),
+    "fused": ("bool", "accepted (the step is always fused); None and True keep the step counters of params "
+                      "off the CPU on their device, as torch's fused optimizers do (no host sync under "
+                      "GradScaler), False keeps them on the CPU, as torch's non-fused optimizers do"),
     "decoupled_weight_decay": ("bool", "AdamW's decay, p *= 1 - lr * weight_decay before the update"),
     "l1": ("float", "L1 penalty strength, applied in the same pass"),
     "l1_mode": ("str", '"subgradient": g += l1 * sign(p); "proximal": after the update '
@@ -219,6 +221,10 @@ class FusedOptimizer(Optimizer):
         # of a 16-bit param under master_weights are put back from the source, to resume exactly.
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for (p, group), pid in zip(((p, g) for g in self.param_groups for p in g["params"]), saved_ids):
+            # Host step counters (a torch.optim or CPU checkpoint) move where this optimizer keeps them.
+            step = self.state.get(p, {}).get("step")
+            if isinstance(step, Tensor) and step.device != p.device and self._counts_on_device(p, group):
+                self.state[p]["step"] = step.to(p.device, torch.float32)
             if p.dtype not in _HALF or not group["master_weights"]:
                 continue
             for key, value in state_dict["state"].get(pid, {}).items():
@@ -301,9 +307,19 @@ class FusedOptimizer(Optimizer):
                 where[key] = old
         self._undo.clear()
 
-    def _new_step(self, p: Tensor, group: dict) -> Tensor:
-        # torch.optim's step counter: a CPU scalar, or on the param's device when capturable/fused.
+    @staticmethod
+    def _counts_on_device(p: Tensor, group: dict) -> bool:
+        """Does p's step counter live on p's device (float32)? With capturable or fused=True, as in
+        torch.optim, and by default for params off the CPU, as torch's fused optimizers keep them:
+        the kernels then advance and read it there, so GradScaler's found_inf needs no host sync.
+        fused=False keeps torch's non-fused layout, a CPU scalar (one sync a step under GradScaler)."""
         if group.get("capturable") or group.get("fused"):
+            return True
+        return group.get("fused") is None and p.device.type not in ("cpu", "meta")
+
+    def _new_step(self, p: Tensor, group: dict) -> Tensor:
+        """torch.optim's step counter, where `_counts_on_device` puts it."""
+        if self._counts_on_device(p, group):
             return torch.zeros((), dtype=torch.float32, device=p.device)
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         return torch.tensor(0.0, dtype=dtype)

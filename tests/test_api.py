@@ -128,25 +128,30 @@ def test_grad_scaler_unscales_inside_the_step(algo, where):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [None, True, False], ids=["default", "fused", "not-fused"])
 @pytest.mark.parametrize("backend", [pytest.param("cuda", marks=ON_GPU), pytest.param("triton", marks=ON_GPU)])
-def test_grad_scaler_step_does_not_sync_with_device_step_counters(backend):
-    # fused=True keeps the step counters on the device, as torch's fused optimizers do: then the
-    # scaler's step (unscale, inf check, update, counters) runs without waiting for the GPU.
+def test_grad_scaler_step_does_not_sync_with_device_step_counters(backend, fused):
+    # By default (and with fused=True) the step counters of GPU params live on the GPU, as torch's
+    # fused optimizers keep them: the scaler's step (unscale, inf check, update, counters) then runs
+    # without waiting for the GPU. fused=False keeps torch's host counters, which cost one sync.
     model, _ = _pair("AdamW")
     model = model.cuda()
-    opt = fused_opt.AdamW(model.parameters(), lr=0.01, fused=True, backend=backend)
+    opt = fused_opt.AdamW(model.parameters(), lr=0.01, fused=fused, backend=backend)
     scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
     for step in range(4):  # the first steps create the state and the launch tables
         opt.zero_grad()
         scaler.scale(_loss(model, step)).backward()
-        if step == 3:
+        if step == 2:  # a skipped step: not counted
+            next(model.parameters()).grad[0, 0] = float("inf")
+        if step == 3 and fused is not False:
             torch.cuda.set_sync_debug_mode("error")
         try:
             scaler.step(opt)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         scaler.update()
-    assert all(opt.state[p]["step"].device.type == "cuda" and opt.state[p]["step"].item() == 4
+    where = "cpu" if fused is False else "cuda"
+    assert all(opt.state[p]["step"].device.type == where and opt.state[p]["step"].item() == 3
                for p in model.parameters())
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -209,11 +210,13 @@ def test_gpu_checkpoint_loads_on_cpu_and_back(algo, tmp_path):
     gpu_params = [p.detach().cuda().requires_grad_() for p in make_params("mixed", torch.float32)]
     gpu = cls(gpu_params, **CONFIGS[algo])
     _run(gpu, gpu_params, 3)
+    _assert_steps_on(gpu, "cuda")  # GPU params count on the GPU, as torch's fused optimizers do
     torch.save({"opt": gpu.state_dict(), "params": [p.detach() for p in gpu_params]}, tmp_path / "gpu.pt")
     ckpt = torch.load(tmp_path / "gpu.pt", map_location="cpu", weights_only=True)
     cpu_params = [p.clone().requires_grad_() for p in ckpt["params"]]
     cpu = cls(cpu_params, **CONFIGS[algo])
     cpu.load_state_dict(ckpt["opt"])
+    _assert_steps_on(cpu, "cpu")
     _run(gpu, gpu_params, 3, start=4)
     _run(cpu, cpu_params, 3, start=4)
     for p, q in zip(cpu_params, gpu_params):
@@ -221,7 +224,25 @@ def test_gpu_checkpoint_loads_on_cpu_and_back(algo, tmp_path):
     back_params = [p.detach().cuda().requires_grad_() for p in cpu_params]
     back = cls(back_params, **CONFIGS[algo])
     back.load_state_dict(cpu.state_dict())  # CPU state onto GPU params: moved to their device
+    _assert_steps_on(back, "cuda")  # the CPU checkpoint's host counters too
     _run(back, back_params, 2, start=7)
     _run(cpu, cpu_params, 2, start=7)
     for p, q in zip(cpu_params, back_params):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def _assert_steps_on(opt, device_type: str) -> None:
+    steps = [state["step"] for state in opt.state.values() if "step" in state]
+    assert all(s.device.type == device_type and s.dtype == torch.float32 for s in steps), steps
+
+
+@pytest.mark.parametrize("device,group,on_device", [
+    ("cuda", {"fused": None}, True), ("cuda", {}, True),  # the default (RMSprop has no `fused`)
+    ("cuda", {"fused": False}, False), ("cuda", {"fused": False, "capturable": True}, True),
+    ("cpu", {"fused": None}, False), ("cpu", {"fused": True}, True), ("meta", {}, False),
+])
+def test_where_step_counters_live(device, group, on_device):
+    """The rule the GPU tests above check in use (a CPU-only CI sees no GPU param): off the CPU,
+    counters live on the params' device unless fused=False, as in torch's fused optimizers."""
+    p = types.SimpleNamespace(device=torch.device(device))
+    assert fused_opt.Adam._counts_on_device(p, group) is on_device
