@@ -60,8 +60,9 @@ _ARGS = {
     "l1": ("float", "L1 penalty strength, applied in the same pass"),
     "l1_mode": ("str", '"subgradient": g += l1 * sign(p); "proximal": after the update '
                        "p = sign(p) * max(|p| - lr * l1, 0), which gives exact zeros"),
-    "backend": ("str", '"auto", "cpu", "cuda", "triton" or "reference"; "auto" takes the first usable for each '
-                       "(device, dtype) group; the environment variable FUSED_OPT_BACKEND replaces it"),
+    "backend": ("str", '"auto", "cuda", "triton", "cpu", "reference" or "cuda_sim" (the CUDA kernels\' traversal '
+                       'run on the CPU, for tests); "auto" takes the first usable for each (device, dtype) group, '
+                       'and the environment variable FUSED_OPT_BACKEND, when set, replaces "auto"'),
     "skip_nonfinite": ("bool", "a step whose grads hold NaN or Inf changes no param or state, and is counted "
                                "in `skipped_steps`"),
     "master_weights": ("bool", f"float16/bfloat16 params keep a float32 copy (state['{MASTER_KEY}']) and "

@@ -174,3 +174,5 @@ def test_constructor_is_torch_optims_and_documented(algo):
             default = "" if p.default is inspect.Parameter.empty else f"(default: {p.default!r})."
             line = next((line for line in doc.splitlines() if line.strip().startswith(f"{name} (")), None)
             assert line is not None and line.endswith(default), (name, line)
+    backend_line = next(line for line in doc.splitlines() if line.strip().startswith("backend ("))
+    assert all(f'"{name}"' in backend_line for name in fused_opt.dispatch.BACKEND_NAMES)
