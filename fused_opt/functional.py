@@ -340,7 +340,8 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
         _check_call("sgd", names, calls[1][1:], mutable, backend)
     for first_step, *lists in calls:
         _run("sgd", names, lists, mutable, dict(kwargs, first_step=first_step), lr, backend, grad_scale, found_inf)
-    skipped = found_inf is not None and bool(found_inf)
-    for i, buf in new_buffers.items():
-        if not skipped:
+    # A skipped step makes no buffers. Reading found_inf is a sync on a GPU: only where new buffers
+    # wait on it (a param's first step), not at every step.
+    if new_buffers and not (found_inf is not None and bool(found_inf)):
+        for i, buf in new_buffers.items():
             momentum_buffer_list[i] = buf

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_opt
 
@@ -25,6 +26,22 @@ INTERPRETER = pytest.mark.skipif(
     reason="needs Triton's interpreter (triton installed, TRITON_INTERPRET=1)")
 # GPU tests carry the `cuda` mark (gpu_check.sh runs them) and are skipped only when no GPU is present.
 ON_GPU = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of `watched`'s memory on the host (for a GPU tensor, a sync), as a CPU test
+    can see them: made by Python code (an op's insides are out of sight), and only `watched`'s own
+    (on the CPU torch's kernels read other 0-d tensors on the host as they work)."""
+
+    def __init__(self, watched: torch.Tensor):
+        super().__init__()
+        self.address, self.reads = watched.untyped_storage().data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += args[0].untyped_storage().data_ptr() == self.address
+        return func(*args, **(kwargs or {}))
+
 
 # algorithm -> (fused_opt class, torch.optim class, base kwargs, option variants)
 ALGORITHMS = {

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fused_opt
+from cases import HostReads
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "cuda_sim"])
@@ -67,3 +68,20 @@ def test_torch_own_structural_checks_still_apply():
         fused_opt.Adam([{"params": [p]}, {"params": [p]}])
     with pytest.raises(TypeError):
         fused_opt.Adam([1.0, 2.0])
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["buffers", "first-step"])
+@pytest.mark.parametrize("flag", [0.0, 1.0], ids=["counted", "skipped"])
+def test_sgd_reads_found_inf_on_the_host_only_to_make_new_buffers(fresh, flag):
+    """GradScaler's found_inf: SGD's functional step reads it on the host (a sync on a GPU) only at
+    a param's first step, to know whether the new momentum buffer is made; a skipped step makes none."""
+    params = [torch.linspace(-1, 1, 9, requires_grad=True)]
+    grads = [torch.linspace(1, 2, 9)]
+    buffers = [None] if fresh else [torch.zeros(9)]
+    found_inf = torch.tensor(flag)
+    with HostReads(found_inf) as host:
+        fused_opt.functional.sgd(params, grads, buffers, lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0,
+                                 nesterov=False, maximize=False, found_inf=found_inf, backend="cpu")
+    assert host.reads == int(fresh)
+    assert (buffers[0] is None) == (fresh and flag == 1.0)
+    assert torch.equal(params[0].detach(), torch.linspace(-1, 1, 9)) == (flag == 1.0)

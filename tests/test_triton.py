@@ -14,7 +14,7 @@ import torch
 
 import fused_opt
 from fused_opt import dispatch
-from cases import INTERPRETER
+from cases import INTERPRETER, HostReads
 
 pytestmark = INTERPRETER
 HERE = os.path.dirname(__file__)
@@ -87,9 +87,26 @@ def test_found_inf_on_the_params_device_masks_the_launch_and_keeps_the_steps():
         assert all(torch.equal(opt.state[p][k], v) for k, v in s.items())
 
 
+def test_found_inf_on_the_params_device_is_not_read_on_the_host():
+    """GradScaler's found_inf where the params are: the step is counted, or skipped and not
+    counted, on the device, without reading the flag on the host (the interpreter's device is the
+    CPU, where such a read shows as aten._local_scalar_dense; on a GPU it would be a sync). The
+    steps run from the group's table, which calls the launch (shared with the op, whose insides
+    the mode cannot see) directly."""
+    params, opt = _adam()
+    _step(params, opt)
+    for flag, counted in ((0.0, 2), (1.0, 2), (0.0, 3)):
+        opt.found_inf = torch.tensor(flag)
+        with HostReads(opt.found_inf) as host:
+            _step(params, opt)
+        assert host.reads == 0 and opt._tables.fast_steps > 0
+        assert [opt.state[p]["step"].item() for p in params] == [counted] * len(params)
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0], ids=["no-scaler", "found-inf-clear"])
 @pytest.mark.parametrize("path", ["op", "table"])
 @pytest.mark.parametrize("capturable", [False, True], ids=["host-steps", "device-steps"])
-def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable, monkeypatch):
+def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable, found_inf, monkeypatch):
     # A kernel that fails to compile (say, out of shared memory on a smaller GPU) raises at its
     # first launch, after the step counters were advanced: they are put back.
     from triton.runtime.errors import OutOfResources
@@ -97,6 +114,8 @@ def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable,
     launch = _launch()
     params, opt = _adam(capturable=capturable)
     _step(params, opt)
+    if found_inf is not None:
+        opt.found_inf = torch.tensor(found_inf)
     if path == "op":
         opt._tables = fused_opt.tables.Tables()  # forgets the group's table: the next step takes the op
     before = [p.detach().clone() for p in params]

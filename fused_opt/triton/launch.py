@@ -197,18 +197,22 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     if found_inf is not None and not found_here and found_inf.item() != 0:
         return
     values = advance_host_steps() if advance_host_steps is not None and steps and not found_here else None
+    # The counters advance by 1, or by 1 - found_inf where it is on the device: one foreach, no sync
+    # (a Tensor passed where torch's foreach ops take a Scalar would be read on the host).
+    increment = (1 - found_inf).to(steps[0].dtype) if found_here and steps else 1.0
     if values is None and steps:
-        torch._foreach_add_(steps, 1.0)
+        torch._foreach_add_(steps, increment)
     try:  # the kernel reads the steps' values, not the counters: a failure here (a compile error,
         # an allocation) puts the counters back, so that the step raises with nothing changed
         _launch(family, plan, grad_ptrs, device, dtype, steps, values, lr_tensor if lr_tensor is not None else lr,
                 grad_scale, found_inf if found_here else None, options, weight_decay_tensor)
     except BaseException:
         if steps:
-            torch._foreach_sub_(steps, 1.0)
+            if isinstance(increment, Tensor):
+                torch._foreach_add_(steps, increment, alpha=-1)
+            else:
+                torch._foreach_sub_(steps, increment)
         raise
-    if steps and found_here:
-        torch._foreach_sub_(steps, found_inf)
 
 
 def _launch(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_sub.h>
+#include <ATen/ops/rsub.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -62,15 +63,15 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
   return out;
 }
 
-// Step counters: float32 ones on the params' device are advanced there by one foreach launch and
-// read by the kernels (no host sync; undone where found_inf is set, as torch's fused Adam does);
+// Step counters: float32 ones on the params' device are advanced there by one foreach launch, by
+// 1 - found_inf when found_inf is on the device (no host sync), and read by the kernels;
 // the others, on the host, are advanced here and their values passed in the launch metadata. A
 // group may hold both kinds (capturable switched on mid-run gives the new params device counters).
 struct Steps {
   std::vector<double> host;
   std::vector<const float*> dev;  // per tensor: its device counter, or null (then `host` holds the step)
   std::vector<at::Tensor> on_device, on_host;  // the counters this op advanced, for retreat()
-  std::optional<at::Tensor> undo;  // found_inf, subtracted from device counters after the advance
+  std::optional<at::Tensor> increment;  // 1 - found_inf (0-d, float32, on the device), when it is there
 
   // Puts the counters back when no launch was made (a launch that fails raises at once), so that
   // the op raises with nothing changed. On the device this may fail in turn (a launch error can
@@ -82,8 +83,8 @@ struct Steps {
     }
     if (on_device.empty()) return;
     try {
-      at::_foreach_sub_(on_device, 1);
-      if (undo) at::_foreach_add_(on_device, std::vector<at::Tensor>(on_device.size(), *undo));
+      if (increment) at::_foreach_add_(on_device, *increment, -1);
+      else at::_foreach_sub_(on_device, 1);
     } catch (...) {
     }
   }
@@ -109,11 +110,13 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
   // Host counters under a found_inf on the device: one sync, to know whether to count the step.
   const bool host_skip = has_host && found_inf && !found_inf->device().is_cpu() && found_inf->item<double>() != 0.0;
   if (!out.on_device.empty()) {
-    at::_foreach_add_(out.on_device, 1);
     if (found_inf && !found_inf->device().is_cpu()) {
-      // One element of any shape (checked); 0-d like the counters, so the undo cannot fail after the advance.
-      out.undo = found_inf->to(device, at::kFloat).reshape({});
-      at::_foreach_sub_(out.on_device, std::vector<at::Tensor>(out.on_device.size(), *out.undo));
+      // One element of any shape (checked), made 0-d like the counters (a Tensor operand, never a
+      // Scalar, which would be read on the host).
+      out.increment = at::rsub(found_inf->to(device, at::kFloat).reshape({}), 1);
+      at::_foreach_add_(out.on_device, *out.increment);
+    } else {
+      at::_foreach_add_(out.on_device, 1);
     }
   }
   for (size_t i = 0; i < steps.size(); ++i) {
