@@ -128,15 +128,18 @@ def test_grad_scaler_unscales_inside_the_step(algo, where):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [None, True, False], ids=["default", "fused", "not-fused"])
+@pytest.mark.parametrize("fused,lr", [(None, 0.01), (True, 0.01), (False, 0.01), (None, "tensor")],
+                         ids=["default", "fused", "not-fused", "tensor-lr"])
 @pytest.mark.parametrize("backend", [pytest.param("cuda", marks=ON_GPU), pytest.param("triton", marks=ON_GPU)])
-def test_grad_scaler_step_does_not_sync_with_device_step_counters(backend, fused):
+def test_grad_scaler_step_does_not_sync_with_device_step_counters(backend, fused, lr):
     # By default (and with fused=True) the step counters of GPU params live on the GPU, as torch's
     # fused optimizers keep them: the scaler's step (unscale, inf check, update, counters) then runs
-    # without waiting for the GPU. fused=False keeps torch's host counters, which cost one sync.
+    # without waiting for the GPU, also with lr a GPU tensor. fused=False keeps torch's host
+    # counters, which cost one sync.
     model, _ = _pair("AdamW")
     model = model.cuda()
-    opt = fused_opt.AdamW(model.parameters(), lr=0.01, fused=fused, backend=backend)
+    lr = torch.tensor(0.01, device="cuda") if lr == "tensor" else lr
+    opt = fused_opt.AdamW(model.parameters(), lr=lr, fused=fused, backend=backend)
     scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
     for step in range(4):  # the first steps create the state and the launch tables
         opt.zero_grad()

@@ -105,10 +105,12 @@ def _coefficients(device: torch.device, opmath: torch.dtype, lr, grad_scale: Ten
     b = [0.0, 0.0, -options["weight_decay"], 0.0, options["l1"]]
     a += [x for x, _ in family_terms]
     b += [y for _, y in family_terms]
-    where = lr.device if isinstance(lr, Tensor) and lr.device.type != "cpu" else torch.device("cpu")
-    coef = torch.tensor(a, dtype=torch.float64, device=where) + _lr64(lr, where) * torch.tensor(
-        b, dtype=torch.float64, device=where)
-    coef = _to_device(coef, device)
+    ab = torch.tensor([a, b], dtype=torch.float64)
+    if isinstance(lr, Tensor) and lr.device.type != "cpu":  # a and b go there (not made there: a sync)
+        ab = _to_device(ab, device)
+        coef = ab[0] + _lr64(lr, device) * ab[1]
+    else:
+        coef = _to_device(ab[0] + _lr64(lr, torch.device("cpu")) * ab[1], device)
     if weight_decay is not None:
         wd = _to_device(weight_decay, device, torch.float64).reshape(())
         coef[kernels.WEIGHT_DECAY.value] = wd
@@ -119,13 +121,17 @@ def _coefficients(device: torch.device, opmath: torch.dtype, lr, grad_scale: Ten
     return coef.to(opmath)
 
 
+def _pinned(t: Tensor, device: torch.device) -> Tensor:
+    """t, in pinned memory if it goes from the host to a GPU: a copy from pageable memory waits for
+    the stream (with non_blocking=True too, where the driver stages it), so each step would stall
+    the host until the GPU had caught up. torch's pinned-memory cache keeps the buffer until the
+    copy is done."""
+    return t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else t
+
+
 def _to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
-    """t on `device`. From the host to a GPU through pinned memory, without blocking: a plain copy
-    from pageable memory waits for the stream, so each step would stall the host until the GPU had
-    caught up (torch's pinned-memory cache keeps the buffer until the copy is done)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.to(dtype or t.dtype).pin_memory().to(device, non_blocking=True)
-    return t.to(device, dtype or t.dtype)
+    """t on `device`, from the host without blocking (see _pinned)."""
+    return _pinned(t.to(dtype or t.dtype), device).to(device, non_blocking=True)
 
 
 def _lr64(lr, device: torch.device) -> Tensor | float:
@@ -229,7 +235,7 @@ def _launch(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
         per_tensor = _adam_per_tensor(values, lr, device, opmath, options["beta1"], options["beta2"])
     if plan.blocks == 0:  # only empty tensors
         return
-    plan.table[1].copy_(grad_ptrs, non_blocking=True)
+    plan.table[1].copy_(_pinned(grad_ptrs, device), non_blocking=True)
     aligned = plan.aligned and bool((grad_ptrs % 16 == 0).all())
     family_flags = [flags[name] for name in kernels.FAMILY_FLAGS[family]] + [False] * 3
     kernels.step_kernel[(plan.blocks,)](
