@@ -128,6 +128,34 @@ def test_grad_scaler_unscales_inside_the_step(algo, where):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("where", SCALER_BACKENDS)
+@pytest.mark.parametrize("algo", ["AdamW", "RMSprop", "SGD"])
+def test_grad_scaler_unscale_then_clip_then_step(algo, where):
+    """AMP with gradient clipping: the user unscales first (scaler.unscale_), clips, then
+    scaler.step passes found_inf and no grad_scale; an overflow still skips the step."""
+    device, backend = where
+    model, twin = (m.to(device) for m in _pair(algo))
+    extra = {"momentum": 0.9} if algo != "AdamW" else {}
+    ours = getattr(fused_opt, algo)(model.parameters(), lr=0.01, backend=backend, **extra)
+    theirs = getattr(torch.optim, algo)(twin.parameters(), lr=0.01, foreach=False, **extra)
+    scalers = [torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2)]
+    for step in range(5):
+        for m, opt, scaler in ((model, ours, scalers[0]), (twin, theirs, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(_loss(m, step)).backward()
+            if step == 2:
+                next(m.parameters()).grad[0, 0] = float("nan")
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            scaler.step(opt)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() < 1024.0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key, value in theirs.state[q].items():  # (GPU params count on the GPU, torch's on the host)
+            torch.testing.assert_close(ours.state[p][key].cpu(), value.cpu(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fused,lr", [(None, 0.01), (True, 0.01), (False, 0.01), (None, "tensor")],
                          ids=["default", "fused", "not-fused", "tensor-lr"])
 @pytest.mark.parametrize("backend", [pytest.param("cuda", marks=ON_GPU), pytest.param("triton", marks=ON_GPU)])

@@ -334,14 +334,14 @@ def test_a_failed_launch_leaves_params_and_state_untouched(path, counters):
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")))])
 def test_a_group_with_both_kinds_of_step_counter(device):
     """Device counters (float32 on the params' device: in cuda_sim, on the CPU) and host counters
-    (on a GPU, those on the CPU; in cuda_sim, float64 ones) in one group, as capturable switched on
-    mid-run leaves them: every param steps as torch.optim's, and a step skipped by found_inf (on the
+    (on a GPU, those on the CPU, as fused=False keeps them; in cuda_sim, float64 ones) in one group,
+    as capturable switched on mid-run leaves them: every param steps as torch.optim's, and a step skipped by found_inf (on the
     device, as GradScaler keeps it) counts none of them."""
     backend = "cuda_sim" if device == "cpu" else "cuda"
     torch.manual_seed(0)
     ours = [torch.randn(n, device=device, requires_grad=True) for n in (5, 7, 3)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    opt = fused_opt.Adam(ours, lr=0.1, backend=backend)
+    opt = fused_opt.Adam(ours, lr=0.1, backend=backend, fused=False)  # fused=False: host counters first
     ref = torch.optim.Adam(theirs, lr=0.1, foreach=False)
 
     def step(with_grads, found_inf=None):
