@@ -31,6 +31,16 @@ template <typename scalar_t>
 constexpr bool is_16bit = std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
 // The states' element type: float32 with master weights (Master), else the params' scalar_t.
+// On x86 the generic build's Vectorized is an array of floats, which GCC's SLP vectoriser turns into
+// SSE code for some loop bodies and not for others (SGD came out scalar, 3.6x torch's generic
+// kernel); its loop vectoriser does better with the plain per-element loop, so that build runs only
+// the element loop there. On Arm the generic build's Vectorized is NEON code: it keeps the vector body.
+#if defined(__x86_64__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+constexpr bool kVectorBody = false;
+#else
+constexpr bool kVectorBody = true;
+#endif
+
 template <typename scalar_t, bool Master>
 using state_type = std::conditional_t<Master, float, scalar_t>;
 
@@ -90,7 +100,7 @@ void for_each_element(const Pointers& base, int64_t begin, int64_t n, const Fn& 
   float* master = static_cast<float*>(base[kMaster]) + begin;
   constexpr int64_t width = Vec::size();
   int64_t i = 0;
-  for (; i + width <= n; i += width) {
+  for (; kVectorBody && i + width <= n; i += width) {
     if constexpr (is_16bit<scalar_t>) {
       std::array<OVec, kSlots> lo, hi;
       for (int k = 0; k < 2; ++k) {
