@@ -34,7 +34,7 @@ _MISSING = object()  # a key that a dict did not hold
 
 
 # The constructors' arguments, described once; each class's docstring lists its own, in its
-# signature's order, with the signature's defaults (_document below).
+# signature's order, with the signature's defaults (_documented below).
 _ARGS = {
     "params": ("iterable", "params to optimize, or dicts defining param groups (named_parameters() too)"),
     "lr": ("float or Tensor", "learning rate; a one-element Tensor is read where the kernel runs, at every step"),
