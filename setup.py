@@ -6,18 +6,20 @@ the choice). Build with
 import glob
 import os
 import re
+import subprocess
+import sys
 import sysconfig
+import tempfile
 
 import torch
 from setuptools import setup
+from setuptools.errors import CompileError, LinkError
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # No FMA contraction (-ffp-contract=off, nvcc --fmad=false): the same roundings as torch.optim, so
 # trajectories stay within 1e-5, and the CUDA kernels round as the CPU kernels do.
-# -fopenmp: at::parallel_for is a header template that runs in parallel only when compiled with
-# OpenMP (torch's own backend); without it every step would run on one thread.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
 # GPU architectures: FUSED_OPT_CUDA_ARCHS="80;90" by default (A100, H100/H200); 70 or later, as
 # the kernels take up to 32 KB of arguments (csrc/include/fused_opt/multi_tensor.h).
 ARCHS = [a for a in os.environ.get("FUSED_OPT_CUDA_ARCHS", "80;90").split(";") if a]
@@ -62,6 +64,67 @@ def loaded_runtimes(*names) -> list:
     return [next(p for p in loaded if f"/{name}" in p) for name in names if any(f"/{name}" in p for p in loaded)]
 
 
+# A program that builds only where OpenMP compiles, links and runs its pragmas.
+OPENMP_PROBE = """#include <omp.h>
+int main() {
+  int threads = 0;
+#pragma omp parallel reduction(+ : threads)
+  threads += 1;
+  return threads >= 1 && omp_get_max_threads() >= 1 ? 0 : 1;
+}
+"""
+
+
+def openmp_flags(compiler) -> tuple[list, list, str | None]:
+    """(compile flags, link flags, why none) that make the CPU kernels' at::parallel_for run on
+    torch's threads. Where torch's ATen runs on OpenMP (Linux wheels), at::parallel_for is a header
+    template that runs in parallel only when our code is compiled with OpenMP too; elsewhere it calls
+    torch's own thread pool and needs nothing. A compiler without OpenMP (Apple's clang) builds the
+    kernels anyway, which then run on one thread: a warning says so, and `python -m fused_opt.info`."""
+    if os.environ.get("FUSED_OPT_OPENMP", "1") == "0":
+        return [], [], "FUSED_OPT_OPENMP=0"
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return [], [], None
+    if compiler.compiler_type == "msvc":
+        candidates = [(["/openmp"], [])]
+    else:
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        if sys.platform == "darwin" and os.path.exists(os.path.join(torch_lib, "libomp.dylib")):
+            # Apple's clang parses the pragmas when asked; the runtime is the libomp torch loads.
+            candidates.append((["-Xpreprocessor", "-fopenmp"] + [f"-I{d}" for d in cpp_extension.include_paths()],
+                               [f"-L{torch_lib}", "-lomp", f"-Wl,-rpath,{torch_lib}"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "openmp_probe.cpp")
+        with open(source, "w") as f:
+            f.write(OPENMP_PROBE)
+        for compile_flags, link_flags in candidates:
+            try:
+                objects = compiler.compile([source], output_dir=tmp, extra_postargs=compile_flags)
+                compiler.link_executable(objects, "openmp_probe", output_dir=tmp, extra_postargs=link_flags)
+                if subprocess.run([os.path.join(tmp, "openmp_probe")], timeout=60).returncode == 0:
+                    return compile_flags, link_flags, None
+            except (CompileError, LinkError, OSError, subprocess.SubprocessError):
+                continue
+    name = getattr(compiler, "compiler_so", [compiler.compiler_type])[0]
+    return [], [], f"{name} builds no OpenMP program with {' or '.join(' '.join(c) for c, _ in candidates)}"
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, with the CPU module's OpenMP flags found by trying the compiler."""
+
+    def build_extensions(self) -> None:
+        cpu = [e for e in self.extensions if e.name == "fused_opt._C"]
+        if cpu:
+            compile_flags, link_flags, why = openmp_flags(self.compiler)
+            if why is not None:
+                print(f"fused_opt: WARNING: building the CPU kernels without OpenMP ({why}): they will run on one thread."
+                      " Rebuild with a compiler that has OpenMP (GCC; on macOS, Homebrew's llvm and libomp) for all cores.")
+            cpu[0].extra_compile_args["cxx"] = cpu[0].extra_compile_args["cxx"] + compile_flags
+            cpu[0].extra_link_args = link_flags + cpu[0].extra_link_args
+        super().build_extensions()
+
+
 def sources(*patterns) -> list:
     return sorted(os.path.relpath(f, ROOT) for p in patterns for f in glob.glob(os.path.join(ROOT, "csrc", p)))
 
@@ -71,10 +134,10 @@ ext_modules = []
 if os.environ.get("FUSED_OPT_CPU", "1") == "1":
     ext_modules.append(cpp_extension.CppExtension(
         "fused_opt._C", sources("cpu/*.cpp"), include_dirs=include_dirs(), extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"] + loaded_runtimes("libstdc++.so", "libgomp")))
+        extra_link_args=loaded_runtimes("libstdc++.so", "libgomp")))
 if want_cuda():
     ext_modules.append(cpp_extension.CUDAExtension(
         "fused_opt._C_cuda", sources("module.cpp", "cuda/*.cu"), include_dirs=include_dirs(),
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=loaded_runtimes("libstdc++.so")))
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})

@@ -23,7 +23,10 @@ def _cpu_kernels() -> str:
     why = ops.load_extensions()["fused_opt._C"]
     if why is not None:
         return f"none ({why})"
-    return f"{ops.cpu_module().cpu_kernels()} (this CPU runs {', '.join(ops.cpu_module().cpu_kernels_available())})"
+    module = ops.cpu_module()
+    threads = "" if module.cpu_kernels_threaded else (
+        "; built without OpenMP, they run on one thread: rebuild with a compiler that has it (README, Quick start)")
+    return f"{module.cpu_kernels()} (this CPU runs {', '.join(module.cpu_kernels_available())}){threads}"
 
 
 def report() -> str:

@@ -38,8 +38,19 @@ def test_compiled_module_links_the_shared_runtimes(name):
         module = importlib.import_module(name)
     except ImportError as e:
         pytest.skip(f"{name} is not built here: {e}")
-    missing = MODULES[name] - needed_libraries(module.__file__)
+    expected = MODULES[name] - (set() if getattr(module, "cpu_kernels_threaded", True) else {"libgomp.so.1"})
+    missing = expected - needed_libraries(module.__file__)
     assert not missing, f"{module.__file__} does not link {sorted(missing)} dynamically (a private static copy?)"
+
+
+def test_cpu_kernels_run_on_torchs_threads():
+    # setup.py finds the compiler's OpenMP flags by trying them; a build without them still loads,
+    # but its at::parallel_for runs serially (torch's ATen runs on OpenMP here).
+    try:
+        module = importlib.import_module("fused_opt._C")
+    except ImportError as e:
+        pytest.skip(f"fused_opt._C is not built here: {e}")
+    assert module.cpu_kernels_threaded, "fused_opt._C was built without OpenMP: see setup.py's openmp_flags"
 
 
 def test_needed_libraries_reads_a_known_library():

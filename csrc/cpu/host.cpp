@@ -44,7 +44,7 @@ namespace {
 // The widest kernels this CPU can run, capped by torch's own choice (so ATEN_CPU_CAPABILITY=avx2
 // or =default picks ours as it picks torch's).
 Kernels best_kernels() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef FUSED_OPT_X86_VARIANTS
   const std::string torch_choice = at::get_cpu_capability();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

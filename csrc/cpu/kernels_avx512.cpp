@@ -3,7 +3,7 @@
 // scheme as kernels_avx2.cpp: a target pragma for this file only, and the feature macros that
 // at::vec and sleef.h test defined by hand, as GCC's pragma does not define them.
 #include "baseline_headers.h"
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef FUSED_OPT_X86_VARIANTS
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 #include "avx2_macros.h"
 #ifndef __AVX512F__

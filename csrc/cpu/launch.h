@@ -13,6 +13,13 @@
 
 #include "fused_opt/math.h"
 
+// The AVX2 and AVX-512 kernel files are compiled for their targets with `#pragma GCC target`,
+// which only GCC honours: under clang (macOS, or CC=clang) they compile as generic code and the
+// DEFAULT kernels run, correct but unvectorised on x86.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSED_OPT_X86_VARIANTS 1
+#endif
+
 namespace fused_opt::cpu {
 
 // Slot order of every family: 0 param, 1 grad (read only), 2.. state tensors (null if unused).

@@ -394,6 +394,13 @@ PYBIND11_MODULE(_C, m) {
         }
         return names;
       }, "The CPU kernel variants this CPU can run, narrowest first.");
+  // at::parallel_for is a header template when torch runs on OpenMP: it runs serially in code
+  // compiled without OpenMP (setup.py's openmp_flags found none that the compiler builds).
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+  m.attr("cpu_kernels_threaded") = false;
+#else
+  m.attr("cpu_kernels_threaded") = true;
+#endif
   m.def("use_cpu_kernels", [](const std::string& name) {
         for (int k = 0; k <= static_cast<int>(Kernels::AVX512); ++k) {
           if (name == fused_opt::cpu::kernels_name(static_cast<Kernels>(k))) {
