@@ -91,8 +91,11 @@ def openmp_flags(compiler) -> tuple[list, list, str | None]:
         candidates = [(["-fopenmp"], ["-fopenmp"])]
         torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
         if sys.platform == "darwin" and os.path.exists(os.path.join(torch_lib, "libomp.dylib")):
-            # Apple's clang parses the pragmas when asked; the runtime is the libomp torch loads.
-            candidates.append((["-Xpreprocessor", "-fopenmp"] + [f"-I{d}" for d in cpp_extension.include_paths()],
+            # Apple's clang parses the pragmas when asked. omp.h from torch's headers or Homebrew's
+            # libomp; the runtime is always the libomp torch loads (a second one would abort).
+            headers = cpp_extension.include_paths() + [
+                d for d in ("/opt/homebrew/opt/libomp/include", "/usr/local/opt/libomp/include") if os.path.isdir(d)]
+            candidates.append((["-Xpreprocessor", "-fopenmp"] + [f"-I{d}" for d in headers],
                                [f"-L{torch_lib}", "-lomp", f"-Wl,-rpath,{torch_lib}"]))
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "openmp_probe.cpp")
@@ -119,7 +122,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             compile_flags, link_flags, why = openmp_flags(self.compiler)
             if why is not None:
                 print(f"fused_opt: WARNING: building the CPU kernels without OpenMP ({why}): they will run on one thread."
-                      " Rebuild with a compiler that has OpenMP (GCC; on macOS, Homebrew's llvm and libomp) for all cores.")
+                      " For all cores, rebuild with a compiler that has OpenMP (GCC; on macOS, `brew install libomp`).")
             cpu[0].extra_compile_args["cxx"] = cpu[0].extra_compile_args["cxx"] + compile_flags
             cpu[0].extra_link_args = link_flags + cpu[0].extra_link_args
         super().build_extensions()
