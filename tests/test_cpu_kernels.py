@@ -77,6 +77,15 @@ def test_the_picked_variant_is_the_widest_this_cpu_runs():
     assert f"CPU kernels: {PICKED} (this CPU runs {', '.join(available)})" in info.report()
 
 
+def test_info_says_when_the_kernels_run_on_one_thread(monkeypatch):
+    # A build whose compiler had no OpenMP (setup.py's openmp_flags) loads and runs serially.
+    line = next(x for x in info.report().splitlines() if x.startswith("CPU kernels:"))
+    assert "one thread" not in line
+    monkeypatch.setattr(_C, "cpu_kernels_threaded", False)
+    serial = next(x for x in info.report().splitlines() if x.startswith("CPU kernels:"))
+    assert serial.startswith(line) and "built without OpenMP, they run on one thread" in serial
+
+
 def test_an_unknown_or_unrunnable_variant_is_refused(restore_kernels):
     with pytest.raises(ValueError, match=r"no CPU kernels named 'SSE4' \(AVX512, AVX2 or DEFAULT\)"):
         _C.use_cpu_kernels("SSE4")
