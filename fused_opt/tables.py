@@ -142,7 +142,7 @@ class Tables:
         self._builds[key] = builds + 1
         states = [state[p] for p in params] if step_key or any(keys) else [None] * len(params)
         try:
-            table = ops.cpu_module().GroupTable(family, params, states, list(keys), step_key)
+            table = ops.cpu_module().GroupTable(family, params, states, list(keys), step_key, group["params"])
         except ValueError:  # something the fast path does not take (a subclass, a strided view, ...)
             return
         entry = _Entry(group, table, backend, (tuple(keys), step_key), device, dtype)

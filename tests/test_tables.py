@@ -115,6 +115,14 @@ def _replace_param_in_group(pair):
         opt.param_groups[0]["params"][2] = params[2]
 
 
+def _append_param_to_group(pair):
+    g = torch.Generator().manual_seed(8)
+    fresh = torch.randn((3,), generator=g)
+    for opt, params in pair.both():
+        params.append(fresh.clone().requires_grad_())
+        opt.param_groups[0]["params"].append(params[-1])
+
+
 def _reverse_group(pair):
     for opt, _ in pair.both():
         opt.param_groups[0]["params"].reverse()
@@ -133,6 +141,7 @@ SCENARIOS = {
     "param-state-deleted": _delete_param_state,
     "step-counter-replaced": _replace_step_counter,
     "param-replaced-in-group": _replace_param_in_group,
+    "param-appended-to-group": _append_param_to_group,
     "group-reordered": _reverse_group,
     "earlier-checkpoint-loaded": _load_earlier_checkpoint,
 }
@@ -165,6 +174,8 @@ DEEP_CHANGES = {
                                                              torch.full_like(params[i], 0.5)),
     "state-tensor-replaced": lambda opt, params, i: opt.state[params[i]].update(exp_avg_sq=torch.full_like(params[i], 0.25)),
     "step-counter-replaced": lambda opt, params, i: opt.state[params[i]].update(step=torch.tensor(50.0)),
+    "param-replaced-in-group": lambda opt, params, i: (params.__setitem__(i, params[i].detach().clone().requires_grad_()),
+                                                       opt.param_groups[0]["params"].__setitem__(i, params[i])),
 }
 
 
@@ -186,6 +197,27 @@ def test_a_change_deep_in_a_large_group_is_noticed(change, backend):
         pair.step()
         pair.check()
         assert pair.fast_steps == 2  # and the rebuilt table takes the next
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+def test_a_grad_that_appears_deep_in_a_large_group_is_noticed(backend):
+    """A param without a grad when the table was built, deep in the group, then given one: the
+    table must decline (it has no slot for it) and the rebuilt one take it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pair = Pair("adam", shapes=[(3,)] * 1100, backend=backend)
+        pair.step(skip={1090})
+        pair.step(skip={1090})
+        assert pair.fast_steps == 1
+        pair.step()
+        pair.check()
+        assert pair.fast_steps == 1
+        pair.step()
+        pair.check()
+        assert pair.fast_steps == 2
     finally:
         torch.set_num_threads(threads)
 
@@ -231,8 +263,8 @@ def _follow_a_sequence(backend, algo, actions):
                 _load_earlier_checkpoint(pair)
         else:
             SCENARIOS[name](pair)
-            if name == "group-reordered":
-                pair.saved = None
+            if name in ("group-reordered", "param-appended-to-group"):
+                pair.saved = None  # a checkpoint loads only into a group of its params, in its order
             can_save = can_save and name != "param-replaced-in-group"
     pair.step()
     pair.check(atol=1e-5)

@@ -8,7 +8,8 @@
 // group's param list, reads the grads itself and checks that nothing it remembers has changed:
 // the same param objects with grads, in the same order; in each param's state dict the same
 // tensor objects; every tensor still with the storage, size, dtype and layout it was packed with;
-// grads that fit their params. If anything differs it declines (returns false) and the optimizer
+// grads that fit their params. Those checks run in parallel, and ask for each entry's objects a
+// few entries ahead (see kAhead). If anything differs it declines (returns false) and the optimizer
 // takes the ordinary path, which rebuilds the table; else the step runs in a second call, once
 // every group of the step has been checked. StateSnapshot covers the one thing a
 // table cannot see cheaply: entries of optimizer.state added, removed or replaced.
@@ -76,6 +77,25 @@ const at::Tensor* exact_tensor(PyObject* obj) {
   return obj != nullptr && THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
 }
 
+// A table's checks read, for each entry, heap objects that the forward and backward passes have
+// pushed out of the cache: each tensor's TensorImpl and StorageImpl, the param's autograd meta, its
+// state dict. Their time is memory latency, not work (~100 ns a tensor when each waits for the
+// last). So the loops ask for the objects of the entry kAhead places on while they check the
+// current one, and for what those objects point to once they have arrived.
+constexpr size_t kAhead = 8;
+
+void prefetch(const void* p, size_t bytes) {
+#if defined(__GNUC__)
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off);
+#endif
+}
+
+void prefetch_impl(const c10::TensorImpl* t) { prefetch(t, sizeof(c10::TensorImpl)); }
+
+void prefetch_storage(const c10::TensorImpl* t) {  // reads t: call it once t has arrived
+  if (const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl()) prefetch(s, sizeof(c10::StorageImpl));
+}
+
 enum class Family { Adam, RMSprop, SGD };
 
 Family parse_family(const std::string& name) {
@@ -89,12 +109,24 @@ class GroupTable {
  public:
   // params: the group's params that have grads, in group order; states: their per-param state
   // dicts (None for a stateless SGD); keys: the state key of slots 2, 3, 4 (None where the slot is unused); step_key: the
-  // step counter's key (None for SGD). Throws ValueError (nothing is cached) if any of it is
-  // unfit for the fast path.
+  // step counter's key (None for SGD); group_params: the group's whole param list. Throws
+  // ValueError (nothing is cached) if any of it is unfit for the fast path.
   GroupTable(const std::string& family, const py::list& params, const py::list& states,
-             const std::vector<std::optional<std::string>>& keys, const std::optional<std::string>& step_key)
+             const std::vector<std::optional<std::string>>& keys, const std::optional<std::string>& step_key,
+             const py::object& group_params)
       : family_(parse_family(family)) {
-    if (keys.size() != kSlots - 2 || states.size() != params.size()) throw std::invalid_argument("bad table layout");
+    if (keys.size() != kSlots - 2 || states.size() != params.size() || !PyList_Check(group_params.ptr())) {
+      throw std::invalid_argument("bad table layout");
+    }
+    list_size_ = PyList_GET_SIZE(group_params.ptr());
+    for (Py_ssize_t k = 0; k < list_size_; ++k) {  // where each packed param sits in the group's list
+      if (place_.size() < params.size() && PyList_GET_ITEM(group_params.ptr(), k) == params[place_.size()].ptr()) {
+        place_.push_back(k);
+      } else {
+        others_.push_back(k);
+      }
+    }
+    if (place_.size() != params.size()) throw std::invalid_argument("params are not the group's, in order");
     launch_.slot_mask = 0b11;
     for (size_t k = 0; k < keys.size(); ++k) {
       if (keys[k]) {
@@ -152,7 +184,7 @@ class GroupTable {
   // declines (returns false) when check did not pass just before.
   bool check(const py::handle& params) {
     grads_.assign(entries_.size(), at::Tensor());
-    checked_ = PyList_Check(params.ptr()) && collect_grads(params.ptr(), grads_) && unchanged(grads_);
+    checked_ = same_list(params.ptr()) && states_unchanged() && tensors_unchanged(params.ptr(), grads_);
     if (!checked_) grads_.clear();
     return checked_;
   }
@@ -262,21 +294,32 @@ class GroupTable {
 
   static c10::TensorImpl* impl(const at::Tensor& t) { return t.unsafeGetTensorImpl(); }
 
-  // The grads of the group's params, in order: the params with grads must be exactly the ones
-  // packed (identity of the Python objects), and each of those must still have one.
-  bool collect_grads(PyObject* list, std::vector<at::Tensor>& grads) const {
-    const size_t n = entries_.size();
-    size_t j = 0;
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(list); ++k) {
+  // The group's list has its length of when the table was packed, and the params that were not
+  // packed (no grad then) still have none. The packed ones are checked with their tensors.
+  bool same_list(PyObject* list) const {
+    if (!PyList_Check(list) || PyList_GET_SIZE(list) != list_size_) return false;
+    for (Py_ssize_t k : others_) {
       PyObject* obj = PyList_GET_ITEM(list, k);
-      if (j < n && obj == entries_[j].obj[0].ptr()) {
-        grads[j] = impl(entries_[j].tensor[0])->grad();
-        if (!grads[j++].defined()) return false;
-      } else if (!THPVariable_Check(obj) || THPVariable_Unpack(obj).unsafeGetTensorImpl()->grad().defined()) {
-        return false;  // a param that was not packed now has a grad
-      }
+      if (!THPVariable_Check(obj) || THPVariable_Unpack(obj).unsafeGetTensorImpl()->grad().defined()) return false;
     }
-    return j == n;
+    return true;
+  }
+
+  // In each param's state dict, the same objects under the state keys (a Python API call: under
+  // the GIL, serial).
+  bool states_unchanged() const {
+    if (launch_.slot_mask == 0b11 && !step_key_) return true;  // no state dicts
+    const size_t n = entries_.size();
+    for (size_t i = 0; i < n; ++i) {
+      if (i + 2 * kAhead < n) prefetch(entries_[i + 2 * kAhead].state.ptr(), sizeof(PyDictObject));
+      if (i + kAhead < n) prefetch(reinterpret_cast<PyDictObject*>(entries_[i + kAhead].state.ptr())->ma_keys, 192);
+      const Entry& e = entries_[i];
+      for (int k = 2; k < kSlots; ++k) {
+        if (keys_[k] && PyDict_GetItem(e.state.ptr(), keys_[k].ptr()) != e.obj[k].ptr()) return false;
+      }
+      if (step_key_ && PyDict_GetItem(e.state.ptr(), step_key_.ptr()) != e.step_obj.ptr()) return false;
+    }
+    return true;
   }
 
   // A packed tensor still has the memory, size, dtype and layout it was packed with.
@@ -285,28 +328,50 @@ class GroupTable {
     return plain(t, device) && t.scalar_type() == dtype && t.numel() == numel && t.const_data_ptr() == ptr;
   }
 
-  // Checks each grad against its param and everything the table remembers; puts the grads into
-  // the launch. The state dicts first, under the GIL; then the tensors, in parallel: each check
-  // reads a few scattered objects (TensorImpl, storage), so over thousands of tensors the time is
-  // memory latency, which more threads overlap (10,000 tensors: most of a step's host time).
-  bool unchanged(const std::vector<at::Tensor>& grads) {
-    for (const Entry& e : entries_) {
-      for (int k = 2; k < kSlots; ++k) {
-        if (keys_[k] && PyDict_GetItem(e.state.ptr(), keys_[k].ptr()) != e.obj[k].ptr()) return false;
-      }
-      if (step_key_ && PyDict_GetItem(e.state.ptr(), step_key_.ptr()) != e.step_obj.ptr()) return false;
-    }
+  // Each packed param still at its place in `list`, with a grad that fits it (put into `grads`
+  // and the launch), and every tensor as it was packed. In parallel: this reads no Python object
+  // but the list's items (the GIL, held, keeps the list as it is), and at::parallel_for's threads
+  // overlap the memory latency of thousands of tensors.
+  bool tensors_unchanged(PyObject* list, std::vector<at::Tensor>& grads) {
     std::atomic<bool> same{true};
     at::parallel_for(0, static_cast<int64_t>(entries_.size()), kCheckGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end && same.load(std::memory_order_relaxed); ++i) {
-        if (!tensors_unchanged(entries_[i], launch_.tensors[i], grads[i])) same.store(false, std::memory_order_relaxed);
+        for (int stage = 0; stage < 4; ++stage) {
+          const int64_t ahead = i + int64_t(2 * kAhead >> stage);
+          if (ahead < end) prefetch_entry(entries_[ahead], stage);
+        }
+        const Entry& e = entries_[i];
+        if (PyList_GET_ITEM(list, place_[i]) != e.obj[0].ptr()) {
+          same.store(false, std::memory_order_relaxed);
+          break;
+        }
+        grads[i] = impl(e.tensor[0])->grad();
+        if (!entry_unchanged(e, launch_.tensors[i], grads[i])) same.store(false, std::memory_order_relaxed);
       }
     });
     return same.load();
   }
 
-  // Entry i's tensors against what was packed; writes only its own job's grad address.
-  bool tensors_unchanged(const Entry& e, TensorJob& job, const at::Tensor& g) const {
+  // Asks for what entry_unchanged will read of `e`, in stages 2 * kAhead, kAhead, kAhead / 2 and
+  // kAhead / 4 entries ahead: the tensors' impls; their storages and the param's autograd meta;
+  // the grad's impl; its storage.
+  void prefetch_entry(const Entry& e, int stage) const {
+    const c10::TensorImpl* p = impl(e.tensor[0]);
+    if (stage >= 2) {
+      const c10::TensorImpl* g = p->grad().unsafeGetTensorImpl();
+      return stage == 2 ? prefetch_impl(g) : prefetch_storage(g);
+    }
+    const auto fetch = stage == 0 ? prefetch_impl : prefetch_storage;
+    fetch(p);
+    for (int k = 2; k < kSlots; ++k) {
+      if (keys_[k]) fetch(impl(e.tensor[k]));
+    }
+    if (step_key_) fetch(impl(e.step));
+    if (stage == 1) prefetch(p->autograd_meta(), 64);
+  }
+
+  // An entry's tensors against what was packed; writes only its own job's grad address.
+  bool entry_unchanged(const Entry& e, TensorJob& job, const at::Tensor& g) const {
     const c10::ScalarType dtype = launch_.dtype;
     if (!same_memory(e.tensor[0], job.ptr[0], job.numel, dtype, device_)) return false;
     if (!plain(g, device_) || g.scalar_type() != dtype || g.sizes() != e.tensor[0].sizes()) return false;
@@ -324,6 +389,8 @@ class GroupTable {
   std::array<py::object, kSlots> keys_;  // interned state keys of slots 2.. (null: unused)
   py::object step_key_;
   std::vector<Entry> entries_;
+  Py_ssize_t list_size_ = 0;  // the group's param list: its length, where each entry's param is, the others
+  std::vector<Py_ssize_t> place_, others_;
   std::vector<at::Tensor> steps_;
   std::vector<at::Tensor> grads_;  // this step's, from check until the step runs
   bool checked_ = false;
@@ -342,8 +409,9 @@ void bind_tables(py::module_& m) {
   };
   py::class_<GroupTable> table(m, "GroupTable");
   table.def(py::init<const std::string&, const py::list&, const py::list&, const std::vector<std::optional<std::string>>&,
-                     const std::optional<std::string>&>(),
-            py::arg("family"), py::arg("params"), py::arg("states"), py::arg("keys"), py::arg("step_key"))
+                     const std::optional<std::string>&, const py::object&>(),
+            py::arg("family"), py::arg("params"), py::arg("states"), py::arg("keys"), py::arg("step_key"),
+            py::arg("group_params"))
       .def("__len__", &GroupTable::size)
       .def("check", &GroupTable::check, py::arg("params"))
       .def("release", &GroupTable::release)
