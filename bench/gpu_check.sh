@@ -6,13 +6,14 @@
 #                 table, traversal and launch counts, master weights, CUDA graphs, checkpoints,
 #                 compile, AMP); tests-cuda and tests-triton run one backend's share each
 #   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096)
+#   host          host time of a 10,000-tensor Adam step: table check, counters on GPU/CPU (bench/host_overhead.py)
 #   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
 #   blocks        a sweep of the Triton block size and warps (bench/triton_blocks.py)
 #   finetune      the reference fine-tune, when its assets came along
 # A stage that no longer fits is left for a second call, whose exact command summary.txt ends
 # with (SKIP_BUILD=1 there: the build is kept on a warm machine, which waits 30 s for it).
 # Everything is written under $OUT/gpu-check/ (default OUT=./out): summary.txt, build-*.log,
-# info.txt, tests-*.log, bench.log, cuda-h200.json/.md/.png, sanitizer.log, triton-blocks.*,
+# info.txt, tests-*.log, bench.log, cuda-h200.json/.md/.png, host-overhead-cuda.*, sanitizer.log, triton-blocks.*,
 # finetune.log and finetune-h200/; at exit it is packed into $OUT/gpu-check.tar.gz beside a copy of
 # summary.txt, as the device tool brings back at most 8 files. Commit what comes back under
 # bench/results/ with the date, GPU and versions.
@@ -23,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The block sweep and the fine-tune ran on 2026-11-30 (bench/results/h200-2026-11-30/): last.
-STAGES=${STAGES:-tests bench sanitizer blocks finetune}
+STAGES=${STAGES:-tests bench host sanitizer blocks finetune}
 BOX=${OUT:-$PWD/out}
 OUT=$BOX/gpu-check
 rm -rf "$OUT" "$BOX/gpu-check.tar.gz"; mkdir -p "$OUT"
@@ -119,6 +120,13 @@ stage_bench() {
     --regularisations none l1l2 --lists gpt-1b 10000x4096 --tag h200 --out "$OUT" >"$OUT/bench.log" 2>&1
   ended bench $?
   grep -v "%|" "$OUT/cuda-h200.md" 2>/dev/null | cut -c1-160 | tail -n 45
+}
+
+stage_host() {
+  stamp "host time of a 10,000-tensor step"
+  timeout $(limit 60) python3 bench/host_overhead.py --device cuda --out "$OUT" >"$OUT/host-overhead.log" 2>&1
+  ended host $?
+  tail -n 6 "$OUT/host-overhead.log"
 }
 
 stage_sanitizer() {

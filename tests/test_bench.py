@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 from fused_opt import benchmark
 
@@ -68,3 +71,16 @@ def test_the_cli_keeps_the_table_on_disk_after_every_row(tmp_path, monkeypatch):
     assert len(rows) == 2 * 3 and len(seen) == len(rows) + 1  # torch for-loop, foreach, fused_opt cpu; final save
     assert [s for s in seen[:-1]] == [rows[:k] for k in range(1, len(rows) + 1)]
     assert [p for p, _ in rows] == ["5000x1000"] * 3 + ["10000x4096"] * 3
+
+
+def test_the_host_overhead_benchmark_runs_from_a_table(tmp_path):
+    # bench/host_overhead.py asserts that the step it times runs from a group table and that the
+    # table's check passes; here at a size CI can afford, on the CPU.
+    script = Path(__file__).resolve().parents[1] / "bench" / "host_overhead.py"
+    result = subprocess.run([sys.executable, str(script), "--tensors", "300", "--numel", "8", "--reps", "2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "host-overhead-cpu.json").read_text())
+    assert [r["what"] for r in report["rows"]] == ["table check", "fused_opt", "fused_opt, fused=False", "torch fused"]
+    assert all(0 < r["host_ms"] <= r["step_ms"] for r in report["rows"])
+    assert "300 x 8" in report["title"]

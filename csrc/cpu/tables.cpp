@@ -315,11 +315,19 @@ class GroupTable {
       if (i + kAhead < n) prefetch(reinterpret_cast<PyDictObject*>(entries_[i + kAhead].state.ptr())->ma_keys, 192);
       const Entry& e = entries_[i];
       for (int k = 2; k < kSlots; ++k) {
-        if (keys_[k] && PyDict_GetItem(e.state.ptr(), keys_[k].ptr()) != e.obj[k].ptr()) return false;
+        if (keys_[k] && !holds(e.state, keys_[k], e.obj[k])) return false;
       }
-      if (step_key_ && PyDict_GetItem(e.state.ptr(), step_key_.ptr()) != e.step_obj.ptr()) return false;
+      if (step_key_ && !holds(e.state, step_key_, e.step_obj)) return false;
     }
     return true;
+  }
+
+  // Is `value` the very object under `key` in `dict`? (A key compared with an __eq__ that
+  // raises: no, and the error is dropped.)
+  static bool holds(const py::object& dict, const py::object& key, const py::object& value) {
+    PyObject* found = PyDict_GetItemWithError(dict.ptr(), key.ptr());
+    if (found == nullptr && PyErr_Occurred()) PyErr_Clear();
+    return found == value.ptr();
   }
 
   // A packed tensor still has the memory, size, dtype and layout it was packed with.
@@ -382,7 +390,7 @@ class GroupTable {
     return !step_key_ || (plain_step(e.step, device_) && e.step.const_data_ptr() == e.step_ptr);
   }
 
-  static constexpr int64_t kCheckGrain = 256;  // tensors a thread checks at least (~100 us: well over a parallel region's start)
+  static constexpr int64_t kCheckGrain = 256;  // tensors a thread checks at least (~50 us: well over a parallel region's start)
 
   Family family_;
   c10::Device device_ = at::kCPU;
