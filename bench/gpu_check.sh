@@ -6,7 +6,8 @@
 #                 table, traversal and launch counts, master weights, CUDA graphs, checkpoints,
 #                 compile, AMP); tests-cuda and tests-triton run one backend's share each
 #   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096)
-#   host          host time of a 10,000-tensor Adam step: table check, counters on GPU/CPU (bench/host_overhead.py)
+#   host          host time of a 10,000-tensor Adam step, CUDA and Triton backends: table check, counters on
+#                 the GPU or the CPU (bench/host_overhead.py)
 #   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
 #   blocks        a sweep of the Triton block size and warps (bench/triton_blocks.py)
 #   finetune      the reference fine-tune, when its assets came along

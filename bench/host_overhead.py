@@ -7,10 +7,11 @@ push the optimizer's Python and tensor objects out of the CPU caches. Medians of
 - fused_opt: a whole step, the step counters on the params' device (the default);
 - fused_opt, fused=False: the step counters on the CPU (the same as the above on a CPU);
 - torch fused: torch.optim.Adam(fused=True).
+On a GPU the fused_opt rows are there for the CUDA and for the Triton backend.
 
 "host ms" is the time until step() returns, "step ms" until the device is done too.
 
-    python3 bench/host_overhead.py [--device cuda] [--tensors 10000] [--numel 4096] [--out DIR]
+    python3 bench/host_overhead.py [--device cuda] [--tensors 10000] [--numel 4096] [--backends ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -52,36 +53,45 @@ def adam_over(shapes, device: str, make):
     return params, make(params)
 
 
+def ours_rows(shapes, args, backend: str, label: str) -> list[tuple[str, float, float]]:
+    """The table check alone, then whole steps with the step counters on the device and on the CPU."""
+    params, opt = adam_over(shapes, args.device, lambda p: fused_opt.Adam(p, lr=1e-3, backend=backend))
+    opt.step()
+    opt.step()
+    tables = opt._tables._tables
+    assert opt._tables.fast_steps == 1 and len(tables) == 1, "the step did not run from a group table"
+    table, group_params = next(iter(tables.values())).table, opt.param_groups[0]["params"]
+
+    def check():
+        assert table.check(group_params), "the table declined"
+        table.release()
+
+    rows = [(f"{label}: table check", *timed(check, args.reps, args.device)),
+            (label, *timed(opt.step, args.reps, args.device))]
+    del params, opt, table, group_params, tables
+    params, opt = adam_over(shapes, args.device, lambda p: fused_opt.Adam(p, lr=1e-3, backend=backend, fused=False))
+    rows.append((f"{label}, fused=False", *timed(opt.step, args.reps, args.device)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tensors", type=int, default=10000)
     parser.add_argument("--numel", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--backends", nargs="+", help="fused_opt backends (default: cuda triton on a GPU, else cpu)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     shapes = [(args.numel,)] * args.tensors
     rows = []
 
-    params, ours = adam_over(shapes, args.device, lambda p: fused_opt.Adam(p, lr=1e-3))
-    ours.step()
-    ours.step()
-    tables = ours._tables._tables
-    assert ours._tables.fast_steps == 1 and len(tables) == 1, "the step did not run from a group table"
-    table, group_params = next(iter(tables.values())).table, ours.param_groups[0]["params"]
-
-    def check():
-        assert table.check(group_params), "the table declined"
-        table.release()
-
-    rows.append(("table check", *timed(check, args.reps, args.device)))
-    rows.append(("fused_opt", *timed(ours.step, args.reps, args.device)))
-    del params, ours, table, group_params, tables
-    for name, make in [("fused_opt, fused=False", lambda p: fused_opt.Adam(p, lr=1e-3, fused=False)),
-                       ("torch fused", lambda p: torch.optim.Adam(p, lr=1e-3, fused=True))]:
-        params, opt = adam_over(shapes, args.device, make)
-        rows.append((name, *timed(opt.step, args.reps, args.device)))
-        del params, opt
+    backends = args.backends or (["cuda", "triton"] if args.device == "cuda" else ["cpu"])
+    for backend in backends:
+        rows += ours_rows(shapes, args, backend, label="fused_opt" if len(backends) == 1 else f"fused_opt {backend}")
+    params, opt = adam_over(shapes, args.device, lambda p: torch.optim.Adam(p, lr=1e-3, fused=True))
+    rows.append(("torch fused", *timed(opt.step, args.reps, args.device)))
+    del params, opt
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     title = (f"Adam over {args.tensors} x {args.numel} fp32 on {where}; torch {torch.__version__}; "

@@ -81,6 +81,18 @@ def test_the_host_overhead_benchmark_runs_from_a_table(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "host-overhead-cpu.json").read_text())
-    assert [r["what"] for r in report["rows"]] == ["table check", "fused_opt", "fused_opt, fused=False", "torch fused"]
+    assert [r["what"] for r in report["rows"]] == ["fused_opt: table check", "fused_opt", "fused_opt, fused=False", "torch fused"]
     assert all(0 < r["host_ms"] <= r["step_ms"] for r in report["rows"])
     assert "300 x 8" in report["title"]
+
+
+def test_the_host_overhead_benchmark_has_rows_for_each_backend(tmp_path):
+    # On a GPU it compares the CUDA and Triton backends; here the CUDA path's host code (cuda_sim).
+    script = Path(__file__).resolve().parents[1] / "bench" / "host_overhead.py"
+    result = subprocess.run([sys.executable, str(script), "--tensors", "50", "--numel", "8", "--reps", "2",
+                             "--backends", "cpu", "cuda_sim", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r["what"] for r in json.loads((tmp_path / "host-overhead-cpu.json").read_text())["rows"]]
+    assert rows == [f"fused_opt {b}{suffix}" for b in ("cpu", "cuda_sim") for suffix in (": table check", "", ", fused=False")] \
+        + ["torch fused"]
