@@ -174,52 +174,54 @@ DEEP_CHANGES = {
                                                              torch.full_like(params[i], 0.5)),
     "state-tensor-replaced": lambda opt, params, i: opt.state[params[i]].update(exp_avg_sq=torch.full_like(params[i], 0.25)),
     "step-counter-replaced": lambda opt, params, i: opt.state[params[i]].update(step=torch.tensor(50.0)),
-    "param-replaced-in-group": lambda opt, params, i: (params.__setitem__(i, params[i].detach().clone().requires_grad_()),
-                                                       opt.param_groups[0]["params"].__setitem__(i, params[i])),
+    "param-replaced-in-group": lambda opt, params, i: _replace_param(opt, params, i),
 }
+
+
+def _replace_param(opt, params, i):
+    params[i] = params[i].detach().clone().requires_grad_()
+    opt.param_groups[0]["params"][i] = params[i]
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
 @pytest.mark.parametrize("change", DEEP_CHANGES)
-def test_a_change_deep_in_a_large_group_is_noticed(change, backend):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        pair = Pair("adam", shapes=[(3,)] * 1100, backend=backend)
-        pair.step()
-        pair.step()
-        assert pair.fast_steps == 1
-        for opt, params in pair.both():
-            DEEP_CHANGES[change](opt, params, 1090)
-        pair.step()
-        pair.check()
-        assert pair.fast_steps == 1  # the table declined; the ordinary path took the step
-        pair.step()
-        pair.check()
-        assert pair.fast_steps == 2  # and the rebuilt table takes the next
-    finally:
-        torch.set_num_threads(threads)
+def test_a_change_deep_in_a_large_group_is_noticed(change, backend, two_threads):
+    pair = Pair("adam", shapes=[(3,)] * 1100, backend=backend)
+    pair.step()
+    pair.step()
+    assert pair.fast_steps == 1
+    for opt, params in pair.both():
+        DEEP_CHANGES[change](opt, params, 1090)
+    pair.step()
+    pair.check()
+    assert pair.fast_steps == 1  # the table declined; the ordinary path took the step
+    pair.step()
+    pair.check()
+    assert pair.fast_steps == 2  # and the rebuilt table takes the next
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
-def test_a_grad_that_appears_deep_in_a_large_group_is_noticed(backend):
+def test_a_grad_that_appears_deep_in_a_large_group_is_noticed(backend, two_threads):
     """A param without a grad when the table was built, deep in the group, then given one: the
     table must decline (it has no slot for it) and the rebuilt one take it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        pair = Pair("adam", shapes=[(3,)] * 1100, backend=backend)
-        pair.step(skip={1090})
-        pair.step(skip={1090})
-        assert pair.fast_steps == 1
-        pair.step()
-        pair.check()
-        assert pair.fast_steps == 1
-        pair.step()
-        pair.check()
-        assert pair.fast_steps == 2
-    finally:
-        torch.set_num_threads(threads)
+    pair = Pair("adam", shapes=[(3,)] * 1100, backend=backend)
+    pair.step(skip={1090})
+    pair.step(skip={1090})
+    assert pair.fast_steps == 1
+    pair.step()
+    pair.check()
+    assert pair.fast_steps == 1
+    pair.step()
+    pair.check()
+    assert pair.fast_steps == 2
 
 
 def _save_checkpoint(pair):
