@@ -54,7 +54,9 @@ class PeakMemory:
     that reset also lowers what getrusage's ru_maxrss reports for the process afterwards. Where
     the mark cannot be reset, it still counts when the block sets a new high for the process, and
     a background thread samples the resident set every `interval` seconds (elsewhere ru_maxrss, a
-    process-wide high mark), which can miss a short-lived peak.
+    process-wide high mark), which can miss a short-lived peak. The resident set is the whole
+    process's: memory freed elsewhere during the block (a garbage collection, say) offsets what the
+    block allocates.
     """
 
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
