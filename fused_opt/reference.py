@@ -1,10 +1,16 @@
 """Pure-PyTorch reference of the fused_opt contract (ARCHITECTURE.md section 1).
 
-The readable oracle for the tests and the last-resort backend. Same signatures as the ops in
-ops.py; one tensor at a time, math in float32 (float64 for float64 params), 16-bit tensors
-rounded once on store; with master_params, on the float32 master copy. Written for clarity, not
-speed, and without host syncs or data-dependent branches (lr, weight decay, grad_scale, found_inf
-and the step counters may be tensors), so that torch.compile can trace it whole.
+The readable oracle for the tests and the last-resort backend (the only one for devices other
+than the CPU and CUDA GPUs: MPS, XPU). Same signatures as the ops in ops.py; one tensor at a time,
+math in float32 (float64 for float64 params), 16-bit tensors rounded once on store; with
+master_params, on the float32 master copy. Written for clarity, not speed, and without host syncs
+or data-dependent branches (lr, weight decay, grad_scale, found_inf and the step counters may be
+tensors), so that torch.compile can trace it whole.
+
+The per-step coefficients (from the step counter, a Tensor lr, weight decay or grad scale) are
+computed in float64, as the kernels compute theirs, on the device the tensor lives on; a device
+without float64 arithmetic (MPS, an Intel GPU without fp64) computes them in float32 instead, as
+torch's own kernels for such devices do.
 """
 
 from __future__ import annotations
@@ -19,11 +25,33 @@ def _opmath(t: Tensor) -> Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
+# Device types whose tensors cannot hold float64 (MPS); Intel GPUs say so per device (has_fp64).
+NO_FLOAT64 = {"mps"}
+_XPU_FLOAT64: dict[str, bool] = {}
+
+
+def _has_float64(device: torch.device) -> bool:
+    if device.type in NO_FLOAT64:
+        return False
+    if device.type == "xpu":
+        key = str(device)
+        if key not in _XPU_FLOAT64:
+            _XPU_FLOAT64[key] = bool(getattr(torch.xpu.get_device_properties(device), "has_fp64", True))
+        return _XPU_FLOAT64[key]
+    return True
+
+
+def _coef_math(t: Tensor) -> Tensor:
+    """A scalar tensor (step counter, lr, weight decay, grad scale) in the coefficients' math type:
+    float64 where its device has it, else float32 (see the module docstring)."""
+    return t.to(torch.float64 if _has_float64(t.device) else torch.float32)
+
+
 def _scalars(lr, lr_tensor, grad_scale, weight_decay, weight_decay_tensor):
-    """-> (lr, 1/grad_scale, weight_decay): floats, or float64 0-d tensors when given as tensors."""
-    lr = lr_tensor.double() if lr_tensor is not None else lr
-    inv_scale = 1.0 / grad_scale.double() if grad_scale is not None else 1.0
-    weight_decay = weight_decay_tensor.double().reshape(()) if weight_decay_tensor is not None else weight_decay
+    """-> (lr, 1/grad_scale, weight_decay): floats, or 0-d tensors (_coef_math) when given as tensors."""
+    lr = _coef_math(lr_tensor) if lr_tensor is not None else lr
+    inv_scale = 1.0 / _coef_math(grad_scale) if grad_scale is not None else 1.0
+    weight_decay = _coef_math(weight_decay_tensor).reshape(()) if weight_decay_tensor is not None else weight_decay
     return lr, inv_scale, weight_decay
 
 
@@ -36,8 +64,8 @@ def _check(family: str, params, grads, state_lists, master_params, state_steps, 
 
 
 def _coef(x, like: Tensor):
-    """A coefficient in the math type of `like`: a float64 tensor (from a Tensor lr, grad_scale or the
-    step) is rounded first, as the kernels round theirs; otherwise a 0-d param would promote to float64."""
+    """A coefficient in the math type of `like`: a coefficient tensor (from a Tensor lr, grad_scale or
+    the step) is rounded first, as the kernels round theirs; otherwise a 0-d param would promote."""
     return x.to(like.dtype) if isinstance(x, Tensor) else x
 
 
@@ -63,8 +91,8 @@ def _skip_mask(found_inf: Tensor | None) -> Tensor | None:
 
 
 def _advance(step_t: Tensor, skip: Tensor | None) -> Tensor:
-    """Adds one to the step counter (not when skipping); returns the step of this update, in float64."""
-    step = step_t.double() + 1
+    """Adds one to the step counter (not when skipping); returns the step of this update (_coef_math)."""
+    step = _coef_math(step_t) + 1
     step_t.copy_(step if skip is None else torch.where(skip, step - 1, step))
     return step
 
