@@ -227,6 +227,9 @@ class FusedOptimizer(Optimizer):
             if isinstance(step, Tensor) and step.device != p.device and self._counts_on_device(p, group):
                 self.state[p]["step"] = step.to(p.device, torch.float32)
             if p.dtype not in _HALF or not group["master_weights"]:
+                # A copy saved after master weights were switched off, before a step dropped it (torch
+                # cast it to p's dtype): dropped now, so that switching them on again starts afresh.
+                self.state.get(p, {}).pop(MASTER_KEY, None)
                 continue
             for key, value in state_dict["state"].get(pid, {}).items():
                 if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
@@ -412,10 +415,9 @@ class FusedOptimizer(Optimizer):
         from_tables, ordinary = [], []
         for index, group in enumerate(self.param_groups):
             options = self._options(group)
-            # Groups with master weights or a Tensor weight decay take the op path (the tables have no
-            # slot for the copies, and pass the weight decay as a number).
-            tabled = fast and not group["master_weights"] and not isinstance(group["weight_decay"], Tensor)
-            if tabled and self._tables.ready(self.family, group, self._state_keys(group), amp):
+            # Groups with a Tensor weight decay take the op path (the tables pass it as a number).
+            tabled = fast and not isinstance(group["weight_decay"], Tensor)
+            if tabled and self._tables.ready(self.family, group, self._table_keys(group), amp):
                 from_tables.append((group, options))
                 continue
             params, grads = gathered[index] if gathered else self._grads_of(group)
@@ -442,7 +444,7 @@ class FusedOptimizer(Optimizer):
 
     def _learn(self, w: _Work) -> None:
         if w.tabled:  # a table for the next steps
-            self._tables.learn(self.family, w.group, w.params, self.state, *self._state_keys(w.group))
+            self._tables.learn(self.family, w.group, w.params, self.state, *self._table_keys(w.group))
 
     def _explained(self, w: _Work, check_only: bool = False) -> None:
         """Calls (or checks) `w`; an error that a param's grad or state caused names that param as
@@ -514,6 +516,11 @@ class FusedOptimizer(Optimizer):
     def _state_keys(self, group: dict) -> tuple[tuple[str | None, str | None, str | None], str | None]:
         """The state keys of the kernels' slots 2, 3, 4 (None: unused) and of the step counter."""
         raise NotImplementedError
+
+    def _table_keys(self, group: dict) -> tuple:
+        """What a group table remembers of a group's state: _state_keys, and the master copies' key
+        (16-bit params under master_weights)."""
+        return (*self._state_keys(group), MASTER_KEY if group["master_weights"] else None)
 
     def _prepare(self, group: dict, params: list[Tensor], grads: list[Tensor], kwargs: dict):
         """The group's functional call over `params` (their state made, as torch.optim makes it

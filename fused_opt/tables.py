@@ -3,7 +3,8 @@
 An ordinary step hands the op its lists (params, grads, each state), and the dispatcher converts
 and the kernel re-checks every tensor of every list: ~0.2 us a tensor, most of a step for a model
 of thousands of small tensors. After an ordinary step of a param group that qualifies (params
-of one device and dtype run by the "cpu", "cuda" or "triton" backend, all plain dense tensors), a GroupTable
+of one device and dtype run by the "cpu", "cuda" or "triton" backend, all plain dense tensors, with or
+without float32 master weights), a GroupTable
 (csrc/cpu/tables.cpp) remembers the group's tensors and the packed launch over them. The next
 steps hand it only the group's param list (`ready`): it reads the grads itself and checks that
 nothing it remembers has changed (the group's list as it was, its packed params in their places
@@ -43,7 +44,7 @@ class _Entry:
     group: dict
     table: object  # the C++ GroupTable
     backend: str  # "cpu": the table runs the CPU kernels; else it hands its addresses to the backend's launch
-    keys: tuple  # the state keys of its slots and of the step counter, when it was built
+    keys: tuple  # the state keys of its slots, of the step counter and of the master copies, when it was built
     device: torch.device
     dtype: torch.dtype
     plan: object = None  # triton: the launch's pointer table and block map
@@ -72,8 +73,8 @@ class Tables:
     def ready(self, family: str, group: dict, keys: tuple, amp: dict) -> bool:
         """Can `group` step from its table? Makes all of the table's checks (writing nothing), so
         that an optimizer can check every group before it updates any; `run` then takes the step.
-        `keys`: the state keys the group's options call for now (an option such as amsgrad or
-        momentum switched on needs a state slot the table does not have)."""
+        `keys`: the state keys the group's options call for now, as `learn` takes them (an option
+        such as amsgrad, momentum or master weights switched on needs a slot the table does not have)."""
         entry = self._tables.get(id(group)) if self._state_unchanged else None
         if entry is None or entry.group is not group or entry.keys != keys:
             return False
@@ -128,8 +129,10 @@ class Tables:
         step(family, table, numels, entry.like, entry.steps, lr, lr_tensor, grad_scale, found_inf, options=kwargs)
         return True
 
-    def learn(self, family: str, group: dict, params: list[Tensor], state: dict, keys, step_key) -> None:
-        """After an ordinary step of `group` over `params`: build a table for the next steps."""
+    def learn(self, family: str, group: dict, params: list[Tensor], state: dict, keys, step_key, master_key) -> None:
+        """After an ordinary step of `group` over `params`: build a table for the next steps. `keys`: the
+        state keys of the kernels' slots 2-4; `step_key`, `master_key`: of the step counter and of the
+        float32 master copies (None: the group keeps none; the latter is used for 16-bit params only)."""
         key = id(group)
         self._tables.pop(key, None)
         self._learned = True
@@ -141,12 +144,13 @@ class Tables:
         if backend not in ("cpu", "triton", "cuda", "cuda_sim"):
             return
         self._builds[key] = builds + 1
-        states = [state[p] for p in params] if step_key or any(keys) else [None] * len(params)
+        masters = master_key if dtype in (torch.float16, torch.bfloat16) else None
+        states = [state[p] for p in params] if step_key or masters or any(keys) else [None] * len(params)
         try:
-            table = ops.cpu_module().GroupTable(family, params, states, list(keys), step_key, group["params"])
+            table = ops.cpu_module().GroupTable(family, params, states, list(keys), step_key, group["params"], masters)
         except ValueError:  # something the fast path does not take (a subclass, a strided view, ...)
             return
-        entry = _Entry(group, table, backend, (tuple(keys), step_key), device, dtype)
+        entry = _Entry(group, table, backend, (tuple(keys), step_key, master_key), device, dtype)
         entry.steps = [s[step_key] for s in states] if step_key else []
         if backend == "triton":
             from .triton import launch

@@ -169,6 +169,35 @@ def test_torch_checkpoint_gains_a_master_and_switching_off_drops_it():
     assert ours.state[q]["exp_avg"].dtype == ours.state[q]["exp_avg_sq"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim", "reference"])
+def test_a_checkpoint_saved_after_switching_off_holds_no_stale_master(backend):
+    """Saved after master weights were switched off but before a step dropped the copy, a
+    checkpoint still holds it (torch's loader then casts it to bfloat16). Loading drops it, as the
+    step would have, so that switching master weights on again starts a new copy from the param
+    instead of failing on a bfloat16 master. (A random table sequence found this.)"""
+    p = torch.randn(50).to(torch.bfloat16).requires_grad_()
+    ours = fused_opt.Adam([p], lr=1e-2, master_weights=True, backend=backend)
+    p.grad = torch.randn(50).to(torch.bfloat16)
+    ours.step()
+    ours.param_groups[0]["master_weights"] = False
+    saved = ours.state_dict()
+    assert MASTER_KEY in saved["state"][0]
+    ours.load_state_dict(saved)
+    assert MASTER_KEY not in ours.state[p]
+    ours.param_groups[0]["master_weights"] = True
+    before = {k: v.clone() for k, v in ours.state[p].items()}
+    start = p.detach().float()
+    p.grad = torch.randn(50).to(torch.bfloat16)
+    ours.step()
+    state = ours.state[p]
+    assert state[MASTER_KEY].dtype == state["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(state["exp_avg"], torch.lerp(before["exp_avg"].float(), p.grad.float(), 0.1))
+    step_size = 1e-2 / (1 - 0.9 ** 2)
+    denom = (state["exp_avg_sq"].sqrt() / (1 - 0.999 ** 2) ** 0.5) + 1e-8
+    torch.testing.assert_close(state[MASTER_KEY], start - step_size * state["exp_avg"] / denom)  # the new copy: from p
+    assert torch.equal(p, state[MASTER_KEY].to(torch.bfloat16))
+
+
 def test_float32_params_have_no_master():
     a, b = torch.randn(20, requires_grad=True), None
     b = a.detach().clone().requires_grad_()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import fused_opt
 from cases import INTERPRETER
+from fused_opt.optimizers import MASTER_KEY
 
 SHAPES = [(7,), (3, 5), (), (4097,), (2, 2)]
 ALGOS = {
@@ -460,3 +461,141 @@ def test_a_deepcopy_gets_no_tables_and_continues_like_the_original():
     for p, q in zip(pair.ours, twin_params):
         assert torch.equal(p, q)
         assert all(torch.equal(v, twin.state[q][k]) for k, v in pair.opt.state[p].items())
+
+
+class MasterRun:
+    """bfloat16 params with float32 master weights on one backend; the reference backend (which
+    has no tables) is the yardstick, each change applied to both alike."""
+
+    def __init__(self, algo: str, backend: str, shapes=SHAPES):
+        name, kwargs = ALGOS[algo]
+        g = torch.Generator().manual_seed(0)
+        self.params = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in shapes]
+        self.opt = getattr(fused_opt, name)(self.params, backend=backend, master_weights=True, **kwargs)
+        self.k = 0
+
+    def step(self, skip=()):
+        self.k += 1
+        g = torch.Generator().manual_seed(100 + self.k)
+        for i, p in enumerate(self.params):
+            grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            p.grad = None if i in skip else grad
+        self.opt.step()
+
+
+def _master_pair(algo, backend, shapes=SHAPES):
+    return MasterRun(algo, backend, shapes), MasterRun(algo, "reference", shapes)
+
+
+def _check_masters(ours: MasterRun, ref: MasterRun, rounded: bool = False):
+    """States and master copies within float32 tolerance of the reference; each param its master
+    rounded, so within a bfloat16 rounding of the reference's. So are the bfloat16 states once
+    master weights are switched off (a rounding that falls the other way can then carry on), and
+    everything once they were (`rounded`: the copies made again from the params)."""
+    def close(x, y, what):
+        scale = max(1.0, y.abs().max().item() if y.numel() else 0.0)
+        rtol, atol = (1e-5, 1e-6) if y.dtype == torch.float32 and not rounded else (2 ** -7, 2 ** -7)
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+    for i, (p, q) in enumerate(zip(ours.params, ref.params)):
+        mine, theirs = ours.opt.state[p], ref.opt.state[q]
+        assert sorted(mine) == sorted(theirs), i
+        for key, value in theirs.items():
+            assert mine[key].dtype == value.dtype, (i, key)
+            close(mine[key], value, f"param {i} {key}")
+        close(p, q, f"param {i}")
+        if MASTER_KEY in mine and p.grad is not None:  # stepped just now
+            assert torch.equal(p, mine[MASTER_KEY].to(p.dtype)), f"param {i} is not its master rounded"
+
+
+def _set_master(run, i, value):
+    run.opt.state[run.params[i]][MASTER_KEY] = torch.full_like(run.params[i], value, dtype=torch.float32)
+
+
+MASTER_CHANGES = {
+    "master-replaced": lambda run, saved: _set_master(run, 0, 0.25),
+    "master-storage-replaced": lambda run, saved: setattr(run.opt.state[run.params[3]][MASTER_KEY], "data",
+                                                          torch.full_like(run.params[3], 0.5, dtype=torch.float32)),
+    "param-storage-replaced": lambda run, saved: setattr(run.params[1], "data", run.params[1].data * 2),
+    "master-weights-switched-off": lambda run, saved: run.opt.param_groups[0].update(master_weights=False),
+    "earlier-checkpoint-loaded": lambda run, saved: run.opt.load_state_dict(saved[run]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algo", ["adam", "rmsprop-centered-momentum", "sgd-nesterov"])
+@pytest.mark.parametrize("change", MASTER_CHANGES)
+def test_tables_with_master_weights_notice_every_change(change, algo, backend):
+    """Groups with master weights step from tables too (the master copies are a sixth slot); a
+    change to a master copy, or master weights switched off, must make the table decline."""
+    ours, ref = _master_pair(algo, backend)
+    for run in (ours, ref):
+        run.step()
+    saved = {run: copy.deepcopy(run.opt.state_dict()) for run in (ours, ref)}
+    for _ in range(2):
+        for run in (ours, ref):
+            run.step()
+        _check_masters(ours, ref)
+    assert ours.opt._tables.fast_steps == 2 and ref.opt._tables.fast_steps == 0
+    for run in (ours, ref):
+        MASTER_CHANGES[change](run, saved)
+    tables = ours.opt._tables  # load_state_dict starts afresh
+    before = tables.fast_steps
+    for _ in range(3):
+        for run in (ours, ref):
+            run.step()
+        _check_masters(ours, ref)
+    assert tables.fast_steps - before >= 2  # a table is rebuilt after the change
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+def test_a_master_copy_replaced_deep_in_a_large_group_is_noticed(backend, two_threads):
+    ours, ref = _master_pair("adam", backend, shapes=[(3,)] * 1100)
+    for _ in range(2):
+        for run in (ours, ref):
+            run.step()
+    assert ours.opt._tables.fast_steps == 1
+    for run in (ours, ref):
+        _set_master(run, 1090, 0.75)
+    for fast in (1, 2):  # the table declines, then the rebuilt one takes the next step
+        for run in (ours, ref):
+            run.step()
+        _check_masters(ours, ref)
+        assert ours.opt._tables.fast_steps == fast
+
+
+_CHANGED = {"master-replaced": 0, "master-storage-replaced": 3, "param-storage-replaced": 1}  # (once it has a master)
+MASTER_ACTIONS = st.one_of(
+    st.tuples(st.just("step"), st.frozensets(st.integers(0, len(SHAPES) - 1), max_size=2)),
+    st.tuples(st.just("master_weights"), st.booleans()),
+    st.tuples(st.sampled_from(["save", "load"])),
+    st.tuples(st.sampled_from(list(_CHANGED))),
+)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(algo=st.sampled_from(list(ALGOS)), actions=st.lists(MASTER_ACTIONS, min_size=1, max_size=12))
+def test_any_sequence_of_master_weight_changes_is_followed(backend, algo, actions):
+    """Random sequences of steps (some params without grads), master weights switched on and off,
+    checkpoints, master copies and params replaced: the tables against the reference."""
+    ours, ref = _master_pair(algo, backend)
+    saved, rounded = None, False
+    for name, *args in actions:
+        rounded = rounded or (name == "master_weights" and not args[0])
+        for run in (ours, ref):
+            if name == "step":
+                run.step(skip=args[0])
+            elif name == "master_weights":
+                run.opt.param_groups[0]["master_weights"] = args[0]
+            elif name == "load" and saved is not None:
+                run.opt.load_state_dict(saved[run])
+            elif name in MASTER_CHANGES and MASTER_KEY in run.opt.state.get(run.params[_CHANGED[name]], {}):
+                MASTER_CHANGES[name](run, saved)
+        if name == "save":
+            saved = {run: copy.deepcopy(run.opt.state_dict()) for run in (ours, ref)}
+        if name == "step":
+            _check_masters(ours, ref, rounded)
+    for run in (ours, ref):
+        run.step()
+    _check_masters(ours, ref, rounded)

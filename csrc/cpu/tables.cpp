@@ -109,11 +109,12 @@ class GroupTable {
  public:
   // params: the group's params that have grads, in group order; states: their per-param state
   // dicts (None for a stateless SGD); keys: the state key of slots 2, 3, 4 (None where the slot is unused); step_key: the
-  // step counter's key (None for SGD); group_params: the group's whole param list. Throws
-  // ValueError (nothing is cached) if any of it is unfit for the fast path.
+  // step counter's key (None for SGD); group_params: the group's whole param list; master_key: the
+  // key of 16-bit params' float32 master copies (None: no master weights; with them, the states
+  // are float32 too). Throws ValueError (nothing is cached) if any of it is unfit for the fast path.
   GroupTable(const std::string& family, const py::list& params, const py::list& states,
              const std::vector<std::optional<std::string>>& keys, const std::optional<std::string>& step_key,
-             const py::object& group_params)
+             const py::object& group_params, const std::optional<std::string>& master_key)
       : family_(parse_family(family)) {
     if (keys.size() != kSlots - 2 || states.size() != params.size() || !PyList_Check(group_params.ptr())) {
       throw std::invalid_argument("bad table layout");
@@ -128,12 +129,14 @@ class GroupTable {
     }
     if (place_.size() != params.size()) throw std::invalid_argument("params are not the group's, in order");
     launch_.slot_mask = 0b11;
-    for (size_t k = 0; k < keys.size(); ++k) {
-      if (keys[k]) {
-        keys_[k + 2] = py::reinterpret_steal<py::object>(PyUnicode_InternFromString(keys[k]->c_str()));
-        launch_.slot_mask |= 1 << (k + 2);
-      }
-    }
+    const auto slot = [&](int k, const std::optional<std::string>& key) {
+      if (!key) return;
+      keys_[k] = py::reinterpret_steal<py::object>(PyUnicode_InternFromString(key->c_str()));
+      launch_.slot_mask |= 1 << k;
+      state_slots_.push_back(k);
+    };
+    for (size_t k = 0; k < keys.size(); ++k) slot(static_cast<int>(k) + 2, keys[k]);
+    slot(kMaster, master_key);
     if (step_key) step_key_ = py::reinterpret_steal<py::object>(PyUnicode_InternFromString(step_key->c_str()));
     const bool stateful = launch_.slot_mask != 0b11 || step_key_;
     const size_t n = params.size();
@@ -147,17 +150,22 @@ class GroupTable {
       if (!p || !plain(*p, device_) || !is_float_type(p->scalar_type())) {
         throw std::invalid_argument("param is not a plain dense float tensor on the first param's device");
       }
-      if (i == 0) launch_.dtype = p->scalar_type();
+      if (i == 0) {
+        launch_.dtype = p->scalar_type();
+        if (keys_[kMaster] && launch_.dtype != at::kHalf && launch_.dtype != at::kBFloat16) {
+          throw std::invalid_argument("master weights are for float16 and bfloat16 params");
+        }
+        state_dtype_ = keys_[kMaster] ? at::kFloat : launch_.dtype;
+      }
       if (p->scalar_type() != launch_.dtype) throw std::invalid_argument("params differ in dtype");
       e.tensor[0] = *p;
       e.state = py::reinterpret_borrow<py::object>(states[i]);
       if (stateful && !PyDict_Check(e.state.ptr())) throw std::invalid_argument("state is not a dict");
       Pointers ptr{p->data_ptr()};
-      for (int k = 2; k < kSlots; ++k) {
-        if (!keys_[k]) continue;
+      for (int k : state_slots_) {
         e.obj[k] = py::reinterpret_borrow<py::object>(PyDict_GetItem(e.state.ptr(), keys_[k].ptr()));
         const at::Tensor* t = exact_tensor(e.obj[k].ptr());
-        if (!t || !plain(*t, device_) || t->scalar_type() != launch_.dtype || t->sizes() != p->sizes()) {
+        if (!t || !plain(*t, device_) || t->scalar_type() != state_dtype_ || t->sizes() != p->sizes()) {
           throw std::invalid_argument("state tensor does not fit its param");
         }
         e.tensor[k] = *t;
@@ -198,7 +206,7 @@ class GroupTable {
   bool adam(double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
             bool decoupled_weight_decay, double l1, bool l1_proximal, const OptTensor& lr_tensor,
             const OptTensor& grad_scale, const OptTensor& found_inf) {
-    if (family_ != Family::Adam || launch_.slot_mask != (amsgrad ? 0b11111 : 0b01111)) return false;
+    if (family_ != Family::Adam || state_mask() != (amsgrad ? 0b11111 : 0b01111)) return false;
     const AdamOptions o{beta1, beta2, eps, amsgrad, {maximize, weight_decay, decoupled_weight_decay, l1, l1_proximal}};
     return run(lr, lr_tensor, grad_scale, found_inf, [&] { cpu::adam(launch_, o); });
   }
@@ -207,7 +215,7 @@ class GroupTable {
                double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
                const OptTensor& found_inf) {
     const int mask = 0b111 | (centered ? 0b1000 : 0) | (momentum > 0.0 ? 0b10000 : 0);
-    if (family_ != Family::RMSprop || launch_.slot_mask != mask) return false;
+    if (family_ != Family::RMSprop || state_mask() != mask) return false;
     const RMSpropOptions o{alpha, eps, momentum, centered, {maximize, weight_decay, false, l1, l1_proximal}};
     return run(lr, lr_tensor, grad_scale, found_inf, [&] { cpu::rmsprop(launch_, o); });
   }
@@ -215,7 +223,7 @@ class GroupTable {
   bool sgd(double lr, double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
            bool first_step, double l1, bool l1_proximal, const OptTensor& lr_tensor, const OptTensor& grad_scale,
            const OptTensor& found_inf) {
-    if (family_ != Family::SGD || first_step || launch_.slot_mask != (momentum != 0.0 ? 0b111 : 0b11)) return false;
+    if (family_ != Family::SGD || first_step || state_mask() != (momentum != 0.0 ? 0b111 : 0b11)) return false;
     const SGDOptions o{momentum, dampening, nesterov, false, {maximize, weight_decay, false, l1, l1_proximal}};
     return run(lr, lr_tensor, grad_scale, found_inf, [&] { cpu::sgd(launch_, o); });
   }
@@ -246,8 +254,8 @@ class GroupTable {
     return out;
   }
 
-  // The packed addresses (int64 [6, n], CPU; slot order, the grads' row, unused slots and the
-  // master row 0: groups with master weights have no table) and numels (int64 [n]).
+  // The packed addresses (int64 [6, n], CPU; slot order, the master copies' in row 5; the grads'
+  // row and unused slots 0) and numels (int64 [n]).
   std::tuple<at::Tensor, at::Tensor> pointer_table() const {
     const auto n = static_cast<int64_t>(entries_.size());
     at::Tensor table = at::zeros({kPointers, n}, at::kLong);
@@ -256,7 +264,7 @@ class GroupTable {
     auto sizes = numels.accessor<int64_t, 1>();
     for (int64_t i = 0; i < n; ++i) {
       const TensorJob& job = launch_.tensors[i];
-      for (int k = 0; k < kSlots; ++k) rows[k][i] = k == 1 ? 0 : reinterpret_cast<int64_t>(job.ptr[k]);
+      for (int k = 0; k < kPointers; ++k) rows[k][i] = k == 1 ? 0 : reinterpret_cast<int64_t>(job.ptr[k]);
       sizes[i] = job.numel;
     }
     return {table, numels};
@@ -264,8 +272,8 @@ class GroupTable {
 
  private:
   struct Entry {
-    std::array<py::object, kSlots> obj;  // the Python objects of the param (0) and state tensors (2..)
-    std::array<at::Tensor, kSlots> tensor;
+    std::array<py::object, kPointers> obj;  // the Python objects of the param (0), state tensors (2..) and master copy
+    std::array<at::Tensor, kPointers> tensor;
     py::object state;  // the param's state dict
     py::object step_obj;
     at::Tensor step;
@@ -314,8 +322,8 @@ class GroupTable {
       if (i + 2 * kAhead < n) prefetch(entries_[i + 2 * kAhead].state.ptr(), sizeof(PyDictObject));
       if (i + kAhead < n) prefetch(reinterpret_cast<PyDictObject*>(entries_[i + kAhead].state.ptr())->ma_keys, 192);
       const Entry& e = entries_[i];
-      for (int k = 2; k < kSlots; ++k) {
-        if (keys_[k] && !holds(e.state, keys_[k], e.obj[k])) return false;
+      for (int k : state_slots_) {
+        if (!holds(e.state, keys_[k], e.obj[k])) return false;
       }
       if (step_key_ && !holds(e.state, step_key_, e.step_obj)) return false;
     }
@@ -371,9 +379,7 @@ class GroupTable {
     }
     const auto fetch = stage == 0 ? prefetch_impl : prefetch_storage;
     fetch(p);
-    for (int k = 2; k < kSlots; ++k) {
-      if (keys_[k]) fetch(impl(e.tensor[k]));
-    }
+    for (int k : state_slots_) fetch(impl(e.tensor[k]));
     if (step_key_) fetch(impl(e.step));
     if (stage == 1) prefetch(p->autograd_meta(), 64);
   }
@@ -384,17 +390,22 @@ class GroupTable {
     if (!same_memory(e.tensor[0], job.ptr[0], job.numel, dtype, device_)) return false;
     if (!plain(g, device_) || g.scalar_type() != dtype || g.sizes() != e.tensor[0].sizes()) return false;
     job.ptr[1] = g.data_ptr();
-    for (int k = 2; k < kSlots; ++k) {
-      if (keys_[k] && !same_memory(e.tensor[k], job.ptr[k], job.numel, dtype, device_)) return false;
+    for (int k : state_slots_) {
+      if (!same_memory(e.tensor[k], job.ptr[k], job.numel, state_dtype_, device_)) return false;
     }
     return !step_key_ || (plain_step(e.step, device_) && e.step.const_data_ptr() == e.step_ptr);
   }
+
+  // The slot pattern of the family's options (the master copies' bit aside).
+  int state_mask() const { return launch_.slot_mask & ~(1 << kMaster); }
 
   static constexpr int64_t kCheckGrain = 256;  // tensors a thread checks at least (~50 us: well over a parallel region's start)
 
   Family family_;
   c10::Device device_ = at::kCPU;
-  std::array<py::object, kSlots> keys_;  // interned state keys of slots 2.. (null: unused)
+  std::array<py::object, kPointers> keys_;  // interned state keys of slots 2.. and the master copy (null: unused)
+  std::vector<int> state_slots_;  // the slots of keys_ in use
+  c10::ScalarType state_dtype_ = at::kFloat;  // of the states and master copies
   py::object step_key_;
   std::vector<Entry> entries_;
   Py_ssize_t list_size_ = 0;  // the group's param list: its length, where each entry's param is, the others
@@ -417,9 +428,9 @@ void bind_tables(py::module_& m) {
   };
   py::class_<GroupTable> table(m, "GroupTable");
   table.def(py::init<const std::string&, const py::list&, const py::list&, const std::vector<std::optional<std::string>>&,
-                     const std::optional<std::string>&, const py::object&>(),
+                     const std::optional<std::string>&, const py::object&, const std::optional<std::string>&>(),
             py::arg("family"), py::arg("params"), py::arg("states"), py::arg("keys"), py::arg("step_key"),
-            py::arg("group_params"))
+            py::arg("group_params"), py::arg("master_key") = py::none())
       .def("__len__", &GroupTable::size)
       .def("check", &GroupTable::check, py::arg("params"))
       .def("release", &GroupTable::release)

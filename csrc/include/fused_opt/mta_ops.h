@@ -247,8 +247,9 @@ struct Ops {
 
 // ---------------------------------------------------------------- launches from a pointer table
 // The optimizers' cached group tables (fused_opt/tables.py, csrc/cpu/tables.cpp) check a group's
-// tensors once and then pass only addresses: int64 [6, n] in slot order (0 where unused; no
-// master copies), with this step's grads in row 1, and the numels. Everything else is as an op.
+// tensors once and then pass only addresses: int64 [6, n] in slot order (0 where unused; the
+// float32 master copies of 16-bit params in row 5, for all tensors or none), with this step's
+// grads in row 1, and the numels. Everything else is as an op.
 struct TableArgs {
   at::Tensor table, numels;  // CPU int64
   at::ScalarType dtype;
@@ -273,6 +274,13 @@ void table_update(const TableArgs& a, const Family& family) {
                   a.numels.is_contiguous() && (a.steps.empty() || int64_t(a.steps.size()) == n),
               "fused_opt: malformed pointer table");
   if (n == 0) return;
+  const int64_t* rows = a.table.data_ptr<int64_t>();
+  const bool master = rows[kMaster * n] != 0;
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK((rows[kMaster * n + t] != 0) == master, "fused_opt: malformed pointer table (master copies of some tensors only)");
+  }
+  TORCH_CHECK(!master || a.dtype == at::kHalf || a.dtype == at::kBFloat16,
+              "fused_opt: malformed pointer table (master copies of ", a.dtype, " params)");
   typename Runner::Guard guard(a.device);
   const ScalarTensors sc = make_scalars(a.lr, a.lr_tensor, a.grad_scale, a.found_inf, std::nullopt, a.device);
   if (sc.skip) return;
@@ -286,8 +294,8 @@ void table_update(const TableArgs& a, const Family& family) {
     void* addr(int t, int k) const { return reinterpret_cast<void*>(rows[k * n + t]); }
     double step_host(int t) const { return steps.host.empty() ? 0.0 : steps.host[t]; }
     const float* step_dev(int t) const { return steps.dev.empty() ? nullptr : steps.dev[t]; }
-  } d{a.table.data_ptr<int64_t>(), n, a.numels.data_ptr<int64_t>(), steps};
-  launch_all<Runner>(static_cast<int>(n), d, a.dtype, false, sc, family);
+  } d{rows, n, a.numels.data_ptr<int64_t>(), steps};
+  launch_all<Runner>(static_cast<int>(n), d, a.dtype, master, sc, family);
 }
 
 template <typename Runner>
