@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fused_opt
-from cases import INTERPRETER
+from cases import INTERPRETER, ON_GPU
 from fused_opt.optimizers import MASTER_KEY
 
 SHAPES = [(7,), (3, 5), (), (4097,), (2, 2)]
@@ -32,14 +32,14 @@ BACKENDS = ["cpu", "cuda_sim", pytest.param("triton", marks=INTERPRETER)]
 
 
 class Pair:
-    """The same params, optimized by fused_opt and by torch.optim side by side."""
+    """The same params, optimized by fused_opt (on `device`) and by torch.optim (on the CPU) side by side."""
 
-    def __init__(self, algo: str, shapes=SHAPES, backend="cpu", **extra):
+    def __init__(self, algo: str, shapes=SHAPES, backend="cpu", device="cpu", **extra):
         name, kwargs = ALGOS[algo]
         kwargs = {**kwargs, **extra}
         g = torch.Generator().manual_seed(0)
         init = [torch.randn(s, generator=g) for s in shapes]
-        self.ours = [p.clone().requires_grad_() for p in init]
+        self.ours = [p.to(device, copy=True).requires_grad_() for p in init]
         self.theirs = [p.clone().requires_grad_() for p in init]
         self.opt = getattr(fused_opt, name)(self.ours, backend=backend, **kwargs)
         self.ref = getattr(torch.optim, name)(self.theirs, foreach=False, **kwargs)
@@ -55,17 +55,17 @@ class Pair:
         grads = [torch.randn(p.shape, generator=g) for p in self.ours]
         for _, params in self.both():
             for i, (p, grad) in enumerate(zip(params, grads)):
-                p.grad = None if i in skip else grad.clone()
+                p.grad = None if i in skip else grad.to(p.device, copy=True)
         self.opt.step()
         self.ref.step()
 
     def check(self, atol=1e-6):
         for i, (p, q) in enumerate(zip(self.ours, self.theirs)):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=atol, msg=lambda m: f"param {i}: {m}")
+            torch.testing.assert_close(p.cpu(), q, rtol=1e-5, atol=atol, msg=lambda m: f"param {i}: {m}")
             ours, theirs = self.opt.state.get(p, {}), self.ref.state.get(q, {})
             assert ours.keys() == theirs.keys(), i
             for key in ours:
-                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=atol,
+                torch.testing.assert_close(ours[key].cpu(), theirs[key], rtol=1e-5, atol=atol,
                                            msg=lambda m: f"param {i} state {key}: {m}")
 
     @property
@@ -112,7 +112,7 @@ def _replace_param_in_group(pair):
     g = torch.Generator().manual_seed(7)
     fresh = torch.randn(SHAPES[2], generator=g)
     for opt, params in pair.both():
-        params[2] = fresh.clone().requires_grad_()
+        params[2] = fresh.to(params[0].device, copy=True).requires_grad_()
         opt.param_groups[0]["params"][2] = params[2]
 
 
@@ -120,7 +120,7 @@ def _append_param_to_group(pair):
     g = torch.Generator().manual_seed(8)
     fresh = torch.randn((3,), generator=g)
     for opt, params in pair.both():
-        params.append(fresh.clone().requires_grad_())
+        params.append(fresh.to(params[0].device, copy=True).requires_grad_())
         opt.param_groups[0]["params"].append(params[-1])
 
 
@@ -152,7 +152,18 @@ SCENARIOS = {
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_tables_notice_every_change(algo, scenario, backend):
-    pair = Pair(algo, backend=backend)
+    _follow_a_change(algo, scenario, backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=ON_GPU) for b in ("cuda", "triton")])
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_tables_notice_every_change_on_a_gpu(algo, scenario, backend):
+    _follow_a_change(algo, scenario, backend, "cuda")
+
+
+def _follow_a_change(algo, scenario, backend, device):
+    pair = Pair(algo, backend=backend, device=device)
     pair.step()
     _save_checkpoint(pair)
     pair.step()
@@ -467,10 +478,10 @@ class MasterRun:
     """bfloat16 params with float32 master weights on one backend; the reference backend (which
     has no tables) is the yardstick, each change applied to both alike."""
 
-    def __init__(self, algo: str, backend: str, shapes=SHAPES):
+    def __init__(self, algo: str, backend: str, shapes=SHAPES, device="cpu"):
         name, kwargs = ALGOS[algo]
         g = torch.Generator().manual_seed(0)
-        self.params = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in shapes]
+        self.params = [torch.randn(s, generator=g).to(device, torch.bfloat16).requires_grad_() for s in shapes]
         self.opt = getattr(fused_opt, name)(self.params, backend=backend, master_weights=True, **kwargs)
         self.k = 0
 
@@ -478,13 +489,13 @@ class MasterRun:
         self.k += 1
         g = torch.Generator().manual_seed(100 + self.k)
         for i, p in enumerate(self.params):
-            grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            grad = torch.randn(p.shape, generator=g).to(p.device, torch.bfloat16)
             p.grad = None if i in skip else grad
         self.opt.step()
 
 
-def _master_pair(algo, backend, shapes=SHAPES):
-    return MasterRun(algo, backend, shapes), MasterRun(algo, "reference", shapes)
+def _master_pair(algo, backend, shapes=SHAPES, device="cpu"):
+    return MasterRun(algo, backend, shapes, device), MasterRun(algo, "reference", shapes)
 
 
 def _check_masters(ours: MasterRun, ref: MasterRun, rounded: bool = False):
@@ -495,7 +506,7 @@ def _check_masters(ours: MasterRun, ref: MasterRun, rounded: bool = False):
     def close(x, y, what):
         scale = max(1.0, y.abs().max().item() if y.numel() else 0.0)
         rtol, atol = (1e-5, 1e-6) if y.dtype == torch.float32 and not rounded else (2 ** -7, 2 ** -7)
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(x.cpu(), y, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
     for i, (p, q) in enumerate(zip(ours.params, ref.params)):
         mine, theirs = ours.opt.state[p], ref.opt.state[q]
@@ -528,7 +539,18 @@ MASTER_CHANGES = {
 def test_tables_with_master_weights_notice_every_change(change, algo, backend):
     """Groups with master weights step from tables too (the master copies are a sixth slot); a
     change to a master copy, or master weights switched off, must make the table decline."""
-    ours, ref = _master_pair(algo, backend)
+    _follow_a_master_change(change, algo, backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=ON_GPU) for b in ("cuda", "triton")])
+@pytest.mark.parametrize("algo", ["adam", "rmsprop-centered-momentum", "sgd-nesterov"])
+@pytest.mark.parametrize("change", MASTER_CHANGES)
+def test_tables_with_master_weights_notice_every_change_on_a_gpu(change, algo, backend):
+    _follow_a_master_change(change, algo, backend, "cuda")
+
+
+def _follow_a_master_change(change, algo, backend, device):
+    ours, ref = _master_pair(algo, backend, device=device)
     for run in (ours, ref):
         run.step()
     saved = {run: copy.deepcopy(run.opt.state_dict()) for run in (ours, ref)}
