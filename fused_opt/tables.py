@@ -3,13 +3,14 @@
 An ordinary step hands the op its lists (params, grads, each state), and the dispatcher converts
 and the kernel re-checks every tensor of every list: ~0.2 us a tensor, most of a step for a model
 of thousands of small tensors. After an ordinary step of a param group that qualifies (params
-of one device and dtype run by the "cpu", "cuda" or "triton" backend, all plain dense tensors, with or
-without float32 master weights), a GroupTable
+of one device and dtype run by the "cpu", "cuda" or "triton" backend, all plain dense tensors, each
+param's grad and states in its element order (contiguous, channels_last, ...), with or without
+float32 master weights), a GroupTable
 (csrc/cpu/tables.cpp) remembers the group's tensors and the packed launch over them. The next
 steps hand it only the group's param list (`ready`): it reads the grads itself and checks that
 nothing it remembers has changed (the group's list as it was, its packed params in their places
 and the others still without grads; the same state tensor objects in each param's state dict;
-the same storage, size, dtype and layout), in parallel; a StateSnapshot taken after each step
+the same storage, size, dtype and strides), in parallel; a StateSnapshot taken after each step
 catches entries of optimizer.state added, removed or replaced. When anything differs the table
 declines, the group takes the ordinary path, and the table is rebuilt from it. Else `run` takes
 the step, once the optimizer has checked every group of the step.

@@ -34,12 +34,12 @@ BACKENDS = ["cpu", "cuda_sim", pytest.param("triton", marks=INTERPRETER)]
 class Pair:
     """The same params, optimized by fused_opt (on `device`) and by torch.optim (on the CPU) side by side."""
 
-    def __init__(self, algo: str, shapes=SHAPES, backend="cpu", device="cpu", **extra):
+    def __init__(self, algo: str, shapes=SHAPES, backend="cpu", device="cpu", layout=lambda t: t, **extra):
         name, kwargs = ALGOS[algo]
         kwargs = {**kwargs, **extra}
         g = torch.Generator().manual_seed(0)
-        init = [torch.randn(s, generator=g) for s in shapes]
-        self.ours = [p.to(device, copy=True).requires_grad_() for p in init]
+        init = [layout(torch.randn(s, generator=g)) for s in shapes]
+        self.ours = [p.to(device, copy=True).requires_grad_() for p in init]  # (copies keep a dense layout)
         self.theirs = [p.clone().requires_grad_() for p in init]
         self.opt = getattr(fused_opt, name)(self.ours, backend=backend, **kwargs)
         self.ref = getattr(torch.optim, name)(self.theirs, foreach=False, **kwargs)
@@ -48,14 +48,14 @@ class Pair:
     def both(self):
         return (self.opt, self.ours), (self.ref, self.theirs)
 
-    def step(self, skip=()):
+    def step(self, skip=(), contiguous_grads=False):
         """One step with the same grads on both sides; params whose index is in `skip` get none."""
         self.k += 1
         g = torch.Generator().manual_seed(100 + self.k)
         grads = [torch.randn(p.shape, generator=g) for p in self.ours]
         for _, params in self.both():
-            for i, (p, grad) in enumerate(zip(params, grads)):
-                p.grad = None if i in skip else grad.to(p.device, copy=True)
+            for i, (p, grad) in enumerate(zip(params, grads)):  # laid out like p, as autograd makes them
+                p.grad = None if i in skip else grad.clone() if contiguous_grads else torch.empty_like(p).copy_(grad)
         self.opt.step()
         self.ref.step()
 
@@ -394,6 +394,99 @@ def test_grads_the_table_cannot_take_go_the_ordinary_way():
     assert pair.fast_steps == 0
 
 
+def _not_contiguous(t):
+    """Dense layouts that are not contiguous: channels_last (4-d, 5-d), a transposed matrix."""
+    if t.dim() == 4:
+        return t.to(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.to(memory_format=torch.channels_last_3d)
+    return t.t().contiguous().t() if t.dim() == 2 else t
+
+
+# A convolution net under channels_last, and tied or transposed weights: (1, 3, 1, 1) stays contiguous.
+DENSE_SHAPES = [(8, 16, 3, 3), (5, 6), (7,), (2, 3, 2, 2, 2), (1, 3, 1, 1), (33, 65)]
+
+
+def _contiguous_strides(t):
+    return torch.empty(t.shape).stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_dense_params_that_are_not_contiguous_step_from_the_table(algo, backend):
+    """Their grads (from autograd) and states (zeros_like) share their strides, so one flat walk
+    steps them all; the states keep the param's layout, as torch.optim's do."""
+    _step_dense_params(algo, backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=ON_GPU) for b in ("cuda", "triton")])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_dense_params_that_are_not_contiguous_step_from_the_table_on_a_gpu(algo, backend):
+    _step_dense_params(algo, backend, "cuda")
+
+
+def _step_dense_params(algo, backend, device):
+    pair = Pair(algo, shapes=DENSE_SHAPES, backend=backend, device=device, layout=_not_contiguous)
+    assert sum(not p.is_contiguous() for p in pair.ours) == 4
+    for _ in range(4):
+        pair.step()
+        pair.check()
+    assert pair.fast_steps == 3
+    for p, q in zip(pair.ours, pair.theirs):
+        for key, value in pair.ref.state[q].items():
+            if key != "step":
+                assert pair.opt.state[p][key].stride() == value.stride(), key
+                assert pair.opt.state[p][key].device == p.device, key
+
+
+def _restride_first_state(opt, params):
+    """Param 0's first state tensor reread in another element order, in place (same memory)."""
+    state = opt.state[params[0]]
+    key = next(k for k in state if k != "step")
+    state[key].as_strided_(state[key].shape, _contiguous_strides(state[key]))
+
+
+def _restride_param(opt, params):
+    with torch.no_grad():
+        params[0].as_strided_(params[0].shape, _contiguous_strides(params[0]))
+
+
+# Changes that leave every tensor's memory where it was but change its element order: the table
+# must see that a flat walk no longer pairs each param element with its own grad and states.
+LAYOUT_CHANGES = {
+    "state-restrided": _restride_first_state,
+    "param-restrided": _restride_param,
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+@pytest.mark.parametrize("algo", ["adam", "rmsprop-centered-momentum", "sgd-nesterov"])
+@pytest.mark.parametrize("change", LAYOUT_CHANGES)
+def test_a_change_of_element_order_is_noticed(change, algo, backend):
+    pair = Pair(algo, shapes=DENSE_SHAPES, backend=backend, layout=_not_contiguous)
+    for _ in range(3):
+        pair.step()
+    assert pair.fast_steps == 2
+    for opt, params in pair.both():
+        LAYOUT_CHANGES[change](opt, params)
+    for _ in range(3):
+        pair.step()
+        pair.check()
+    assert pair.fast_steps == 2  # param 0 and its states now differ in layout: the ordinary path, each step
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
+def test_grads_laid_out_unlike_their_params_go_the_ordinary_way(backend):
+    pair = Pair("adam", shapes=DENSE_SHAPES, backend=backend, layout=_not_contiguous)
+    pair.step()
+    pair.step(contiguous_grads=True)
+    pair.check()
+    assert pair.fast_steps == 0
+    pair.step()
+    pair.check()
+    assert pair.fast_steps == 1
+
+
 def test_a_bad_grad_still_gets_the_ops_error_and_changes_nothing():
     pair = Pair("adam", shapes=[(3,), (5,)])
     pair.step()
@@ -478,10 +571,10 @@ class MasterRun:
     """bfloat16 params with float32 master weights on one backend; the reference backend (which
     has no tables) is the yardstick, each change applied to both alike."""
 
-    def __init__(self, algo: str, backend: str, shapes=SHAPES, device="cpu"):
+    def __init__(self, algo: str, backend: str, shapes=SHAPES, device="cpu", layout=lambda t: t):
         name, kwargs = ALGOS[algo]
         g = torch.Generator().manual_seed(0)
-        self.params = [torch.randn(s, generator=g).to(device, torch.bfloat16).requires_grad_() for s in shapes]
+        self.params = [layout(torch.randn(s, generator=g)).to(device, torch.bfloat16).requires_grad_() for s in shapes]
         self.opt = getattr(fused_opt, name)(self.params, backend=backend, master_weights=True, **kwargs)
         self.k = 0
 
@@ -489,13 +582,13 @@ class MasterRun:
         self.k += 1
         g = torch.Generator().manual_seed(100 + self.k)
         for i, p in enumerate(self.params):
-            grad = torch.randn(p.shape, generator=g).to(p.device, torch.bfloat16)
-            p.grad = None if i in skip else grad
+            grad = torch.randn(p.shape, generator=g)
+            p.grad = None if i in skip else torch.empty_like(p).copy_(grad)
         self.opt.step()
 
 
-def _master_pair(algo, backend, shapes=SHAPES, device="cpu"):
-    return MasterRun(algo, backend, shapes, device), MasterRun(algo, "reference", shapes)
+def _master_pair(algo, backend, shapes=SHAPES, device="cpu", layout=lambda t: t):
+    return MasterRun(algo, backend, shapes, device, layout), MasterRun(algo, "reference", shapes, layout=layout)
 
 
 def _check_masters(ours: MasterRun, ref: MasterRun, rounded: bool = False):
@@ -547,6 +640,19 @@ def test_tables_with_master_weights_notice_every_change(change, algo, backend):
 @pytest.mark.parametrize("change", MASTER_CHANGES)
 def test_tables_with_master_weights_notice_every_change_on_a_gpu(change, algo, backend):
     _follow_a_master_change(change, algo, backend, "cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algo", ["adam", "rmsprop-centered-momentum", "sgd-nesterov"])
+def test_dense_params_with_master_weights_step_from_the_table(algo, backend):
+    ours, ref = _master_pair(algo, backend, shapes=DENSE_SHAPES, layout=_not_contiguous)
+    for _ in range(4):
+        for run in (ours, ref):
+            run.step()
+        _check_masters(ours, ref)
+    assert ours.opt._tables.fast_steps == 3
+    for p in ours.params:  # the master copy and the states keep the param's layout
+        assert all(t.stride() == p.stride() for k, t in ours.opt.state[p].items() if k != "step")
 
 
 def _follow_a_master_change(change, algo, backend, device):

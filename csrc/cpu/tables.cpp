@@ -8,7 +8,9 @@
 // group's param list, reads the grads itself and checks that nothing it remembers has changed:
 // the same param objects with grads, in the same order; in each param's state dict the same
 // tensor objects; every tensor still with the storage, size, dtype and layout it was packed with;
-// grads that fit their params. Those checks run in parallel, and ask for each entry's objects a
+// grads that fit their params. A dense tensor that is not contiguous (channels_last, a transposed
+// weight) walks as a flat array too, when its grad and states share its strides, as torch's
+// autograd and zeros_like(preserve_format) give them. Those checks run in parallel, and ask for each entry's objects a
 // few entries ahead (see kAhead). If anything differs it declines (returns false) and the optimizer
 // takes the ordinary path, which rebuilds the table; else the step runs in a second call, once
 // every group of the step has been checked. StateSnapshot covers the one thing a
@@ -21,6 +23,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fused_opt/checks.h"
 #include "fused_opt/registration.h"
 #include "fused_opt/table_binding.h"
 #include "launch.h"
@@ -60,10 +63,12 @@ bool is_float_type(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// A plain dense tensor on `device` whose memory a kernel may read and write as a flat array.
+// A plain dense tensor on `device` whose memory a kernel may read and write as a flat array (its
+// elements fill one block in some dimension order: contiguous, channels_last, transposed, ...).
 bool plain(const at::Tensor& t, const c10::Device& device) {
   return t.defined() && t.layout() == at::kStrided && t.device() == device && t.has_storage() &&
-         !t.unsafeGetTensorImpl()->is_python_dispatch() && !t.is_neg() && !t.is_conj() && t.is_contiguous();
+         !t.unsafeGetTensorImpl()->is_python_dispatch() && !t.is_neg() && !t.is_conj() &&
+         t.is_non_overlapping_and_dense();
 }
 
 // A step counter: a one-element float tensor on the CPU or on the params' device.
@@ -165,7 +170,7 @@ class GroupTable {
       for (int k : state_slots_) {
         e.obj[k] = py::reinterpret_borrow<py::object>(PyDict_GetItem(e.state.ptr(), keys_[k].ptr()));
         const at::Tensor* t = exact_tensor(e.obj[k].ptr());
-        if (!t || !plain(*t, device_) || t->scalar_type() != state_dtype_ || t->sizes() != p->sizes()) {
+        if (!t || !plain(*t, device_) || t->scalar_type() != state_dtype_ || !same_layout(*t, *p)) {
           throw std::invalid_argument("state tensor does not fit its param");
         }
         e.tensor[k] = *t;
@@ -338,7 +343,8 @@ class GroupTable {
     return found == value.ptr();
   }
 
-  // A packed tensor still has the memory, size, dtype and layout it was packed with.
+  // A packed tensor still has the memory, size, dtype and dense layout it was packed with (a
+  // state's element order is checked against its param's).
   static bool same_memory(const at::Tensor& t, const void* ptr, int64_t numel, c10::ScalarType dtype,
                           const c10::Device& device) {
     return plain(t, device) && t.scalar_type() == dtype && t.numel() == numel && t.const_data_ptr() == ptr;
@@ -384,14 +390,18 @@ class GroupTable {
     if (stage == 1) prefetch(p->autograd_meta(), 64);
   }
 
-  // An entry's tensors against what was packed; writes only its own job's grad address.
+  // An entry's tensors against what was packed; writes only its own job's grad address. The grad
+  // and the states must walk in the param's element order (same sizes and strides).
   bool entry_unchanged(const Entry& e, TensorJob& job, const at::Tensor& g) const {
     const c10::ScalarType dtype = launch_.dtype;
-    if (!same_memory(e.tensor[0], job.ptr[0], job.numel, dtype, device_)) return false;
-    if (!plain(g, device_) || g.scalar_type() != dtype || g.sizes() != e.tensor[0].sizes()) return false;
+    const at::Tensor& p = e.tensor[0];
+    if (!same_memory(p, job.ptr[0], job.numel, dtype, device_)) return false;
+    if (!plain(g, device_) || g.scalar_type() != dtype || !same_layout(g, p)) return false;
     job.ptr[1] = g.data_ptr();
     for (int k : state_slots_) {
-      if (!same_memory(e.tensor[k], job.ptr[k], job.numel, state_dtype_, device_)) return false;
+      if (!same_memory(e.tensor[k], job.ptr[k], job.numel, state_dtype_, device_) || !same_layout(e.tensor[k], p)) {
+        return false;
+      }
     }
     return !step_key_ || (plain_step(e.step, device_) && e.step.const_data_ptr() == e.step_ptr);
   }

@@ -20,9 +20,11 @@ struct NamedList {
 // Same element order in memory: equal sizes, and equal strides wherever a dimension has more
 // than one element.
 inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  const at::IntArrayRef sizes = a.sizes(), sa = a.strides(), sb = b.strides();
+  if (sizes != b.sizes()) return false;
+  if (sa == sb) return true;  // the usual case, without a loop (the group tables check every tensor each step)
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && sa[d] != sb[d]) return false;
   }
   return true;
 }
