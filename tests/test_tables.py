@@ -148,6 +148,45 @@ SCENARIOS = {
 }
 
 
+def _not_contiguous(t):
+    """Dense layouts that are not contiguous: channels_last (4-d, 5-d), a transposed matrix."""
+    if t.dim() == 4:
+        return t.to(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.to(memory_format=torch.channels_last_3d)
+    return t.t().contiguous().t() if t.dim() == 2 else t
+
+
+# A convolution net under channels_last, and tied or transposed weights: (1, 3, 1, 1) stays contiguous.
+DENSE_SHAPES = [(8, 16, 3, 3), (5, 6), (7,), (2, 3, 2, 2, 2), (1, 3, 1, 1), (33, 65)]
+
+
+def _contiguous_strides(t):
+    return torch.empty(t.shape).stride()
+
+
+def _restride_a_state(opt, params, i=1):
+    """Param i's first state tensor (if it has one) reread in another element order, in place
+    (same memory). Not a centered RMSprop's square_avg: permuted against grad_avg it can fall below
+    grad_avg ** 2, and the update to NaN (in torch too)."""
+    state = opt.state.get(params[i], {})
+    for key in [k for k in state if k not in ("step", "square_avg")][:1]:
+        state[key].as_strided_(state[key].shape, _contiguous_strides(state[key]))
+
+
+def _restride_param(opt, params, i=1):
+    with torch.no_grad():
+        params[i].as_strided_(params[i].shape, _contiguous_strides(params[i]))
+
+
+# Changes that leave every tensor's memory where it was but change its element order: the table
+# must see that a flat walk no longer pairs each param element with its own grad and states.
+LAYOUT_CHANGES = {
+    "state-restrided": _restride_a_state,
+    "param-restrided": _restride_param,
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -254,13 +293,15 @@ ACTIONS = st.one_of(
     st.tuples(st.just("hyperparameters"), st.sampled_from([0.01, 0.003]), st.sampled_from([0.0, 0.1]), st.booleans()),
     st.tuples(st.sampled_from(["save", "load"])),
     st.tuples(st.sampled_from([name for name in SCENARIOS if name != "earlier-checkpoint-loaded"])),
+    st.tuples(st.sampled_from(["contiguous-grads", *LAYOUT_CHANGES])),
 )
 
 
-def _follow_a_sequence(backend, algo, actions):
+def _follow_a_sequence(backend, algo, actions, dense=False):
     """The scenarios above one at a time miss how they combine: here random sequences of steps
-    (some params without grads), hyperparameter edits, checkpoints and the scenarios' changes."""
-    pair = Pair(algo, backend=backend)
+    (some params without grads, or with grads laid out unlike their params), hyperparameter edits,
+    checkpoints and the scenarios' changes, over contiguous params or over `dense` ones that are not."""
+    pair = Pair(algo, backend=backend, layout=_not_contiguous if dense else lambda t: t)
     pair.step()
     pair.saved, can_save = None, True
     for name, *args in actions:
@@ -269,6 +310,12 @@ def _follow_a_sequence(backend, algo, actions):
             pair.check(atol=1e-5)  # float32 rounding, as torch's, around a weight decay that cancels a grad
         elif name == "hyperparameters":
             _set_hyperparameters(pair, *args)
+        elif name == "contiguous-grads":
+            pair.step(contiguous_grads=True)
+            pair.check(atol=1e-5)
+        elif name in LAYOUT_CHANGES:
+            for opt, params in pair.both():
+                LAYOUT_CHANGES[name](opt, params)
         elif name == "save":
             if can_save:
                 _save_checkpoint(pair)
@@ -284,21 +331,22 @@ def _follow_a_sequence(backend, algo, actions):
     pair.check(atol=1e-5)
 
 
-SEQUENCES = dict(algo=st.sampled_from(list(ALGOS)), actions=st.lists(ACTIONS, min_size=1, max_size=12))
+SEQUENCES = dict(algo=st.sampled_from(list(ALGOS)), actions=st.lists(ACTIONS, min_size=1, max_size=12),
+                 dense=st.booleans())
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(**SEQUENCES)
-def test_any_sequence_of_changes_is_followed(backend, algo, actions):
-    _follow_a_sequence(backend, algo, actions)
+def test_any_sequence_of_changes_is_followed(backend, algo, actions, dense):
+    _follow_a_sequence(backend, algo, actions, dense)
 
 
 @INTERPRETER
 @settings(max_examples=40, deadline=None, derandomize=True)  # ~0.4 s a sequence in the interpreter
 @given(**SEQUENCES)
-def test_any_sequence_of_changes_is_followed_on_triton(algo, actions):
-    _follow_a_sequence("triton", algo, actions)
+def test_any_sequence_of_changes_is_followed_on_triton(algo, actions, dense):
+    _follow_a_sequence("triton", algo, actions, dense)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -394,23 +442,6 @@ def test_grads_the_table_cannot_take_go_the_ordinary_way():
     assert pair.fast_steps == 0
 
 
-def _not_contiguous(t):
-    """Dense layouts that are not contiguous: channels_last (4-d, 5-d), a transposed matrix."""
-    if t.dim() == 4:
-        return t.to(memory_format=torch.channels_last)
-    if t.dim() == 5:
-        return t.to(memory_format=torch.channels_last_3d)
-    return t.t().contiguous().t() if t.dim() == 2 else t
-
-
-# A convolution net under channels_last, and tied or transposed weights: (1, 3, 1, 1) stays contiguous.
-DENSE_SHAPES = [(8, 16, 3, 3), (5, 6), (7,), (2, 3, 2, 2, 2), (1, 3, 1, 1), (33, 65)]
-
-
-def _contiguous_strides(t):
-    return torch.empty(t.shape).stride()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_dense_params_that_are_not_contiguous_step_from_the_table(algo, backend):
@@ -437,26 +468,6 @@ def _step_dense_params(algo, backend, device):
             if key != "step":
                 assert pair.opt.state[p][key].stride() == value.stride(), key
                 assert pair.opt.state[p][key].device == p.device, key
-
-
-def _restride_first_state(opt, params):
-    """Param 0's first state tensor reread in another element order, in place (same memory)."""
-    state = opt.state[params[0]]
-    key = next(k for k in state if k != "step")
-    state[key].as_strided_(state[key].shape, _contiguous_strides(state[key]))
-
-
-def _restride_param(opt, params):
-    with torch.no_grad():
-        params[0].as_strided_(params[0].shape, _contiguous_strides(params[0]))
-
-
-# Changes that leave every tensor's memory where it was but change its element order: the table
-# must see that a flat walk no longer pairs each param element with its own grad and states.
-LAYOUT_CHANGES = {
-    "state-restrided": _restride_first_state,
-    "param-restrided": _restride_param,
-}
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda_sim"])
