@@ -86,7 +86,9 @@ def _compiled() -> bool:
     return not torch.compiler.is_compiling() and ops.load_extensions()["fused_opt._C"] is None
 
 
-def _same_layout(a: Tensor, b: Tensor) -> bool:
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same element order in memory: equal shapes, and equal strides wherever a dimension has more
+    than one element."""
     return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s > 1)
 
 
@@ -107,7 +109,7 @@ def check_like_param(op: str, name: str, i: int | None, t: Tensor, p: Tensor, dt
         raise RuntimeError(f"{op}: {_label(name, i)} has dtype {t.dtype} but its param has dtype {p.dtype}"
                            if dtype == p.dtype else f"{op}: {_label(name, i)} has dtype {t.dtype} but must be "
                            f"{dtype} (its param is {p.dtype} with float32 master weights)")
-    if strides and not _same_layout(t, p):
+    if strides and not same_layout(t, p):
         raise RuntimeError(f"{op}: {_label(name, i)} has shape {tuple(t.shape)} and strides {t.stride()} but its "
                            f"param has shape {tuple(p.shape)} and strides {p.stride()}")
     if t.shape != p.shape:

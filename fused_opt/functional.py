@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch
-from .checks import is_dense
+from .checks import is_dense, same_layout
 
 L1_MODES = ("subgradient", "proximal")
 
@@ -25,10 +25,7 @@ def _dense_alike(p: Tensor, others) -> bool:
     """Can one flat loop walk p and the others together (dense, same element order)?"""
     if p.is_contiguous() and all(t.is_contiguous() for t in others):
         return True
-    if not is_dense(p):
-        return False
-    return all(t.shape == p.shape and all(s == q for s, q, n in zip(t.stride(), p.stride(), p.shape) if n > 1)
-               for t in others)
+    return is_dense(p) and all(same_layout(t, p) for t in others)
 
 
 def _master_list(masters: Sequence[Tensor | None]) -> list[Tensor]:

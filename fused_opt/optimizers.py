@@ -234,6 +234,21 @@ class FusedOptimizer(Optimizer):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
                     self.state[p][key] = value.to(p.device, copy=True)
+        for p in (p for group in self.param_groups for p in group["params"]):
+            self._lay_out_like(p, self.state.get(p, {}))
+
+    @staticmethod
+    def _lay_out_like(p: Tensor, state: dict) -> None:
+        """A checkpoint of a run whose params were laid out otherwise (contiguous then,
+        channels_last now): the states take their param's layout, values unchanged, so that the
+        kernels walk them with it in one flat pass (else every step copies them to a common layout
+        and back, and the group tables refuse them)."""
+        if not checks.is_dense(p):
+            return
+        for key, value in state.items():
+            if (key != "step" and isinstance(value, Tensor) and value.shape == p.shape
+                    and not checks.same_layout(value, p)):
+                state[key] = torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
 
     def _check_loadable(self, state_dict: dict) -> None:
         """Refuses, before this optimizer changes, a state dict that another kind of optimizer saved

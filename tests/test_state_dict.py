@@ -76,6 +76,51 @@ def test_load_across_and_continue(algo, direction):
             torch.testing.assert_close(cont.state[q][key], opt.state[p][key], rtol=1e-5, atol=1e-5)
 
 
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+
+
+def _conv_steps(model, opt, steps):
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        x = torch.randn(2, 3, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("source", ["torch", "fused_opt"])
+@pytest.mark.parametrize("algo", CONFIGS)
+def test_a_checkpoint_of_contiguous_params_resumes_under_channels_last(algo, source):
+    """The usual recipe converts the model after loading a checkpoint saved before channels_last:
+    the loaded states take their params' layout (values unchanged), so the steps stay one flat
+    pass from the group tables, and continue as the contiguous run does."""
+    fused_cls, torch_cls = ALGORITHMS[algo][:2]
+    first = _conv_net()
+    opt = torch_cls(first.parameters(), **CONFIGS[algo], foreach=False) if source == "torch" else \
+        fused_cls(first.parameters(), **CONFIGS[algo])
+    _conv_steps(first, opt, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = copy.deepcopy(first).to(memory_format=torch.channels_last)
+    assert not resumed[0].weight.is_contiguous()
+    cont = fused_cls(resumed.parameters(), **CONFIGS[algo])
+    cont.load_state_dict(saved)
+    for p, q in zip(first.parameters(), resumed.parameters()):
+        for key, value in opt.state[p].items():
+            torch.testing.assert_close(cont.state[q][key], value, rtol=0, atol=0)
+            if key != "step":
+                assert cont.state[q][key].stride() == q.stride(), key
+    _conv_steps(first, opt, range(3, 7))
+    _conv_steps(resumed, cont, range(3, 7))
+    for p, q in zip(first.parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        for key in opt.state[p]:
+            torch.testing.assert_close(cont.state[q][key], opt.state[p][key], rtol=1e-5, atol=1e-5)
+    assert cont._tables.fast_steps == 3  # steps 5-7 ran from the table built after step 4
+
+
 def test_torch_state_dict_keeps_our_own_options():
     """A torch.optim state_dict has no l1/l1_mode/backend/master_weights: loading one keeps the
     optimizer's (L1 must not silently switch off); a fused_opt state_dict brings its own."""
