@@ -5,7 +5,7 @@
 #   tests         pytest -m cuda: the GPU tests of both backends in one pytest-xdist run (the case
 #                 table, traversal and launch counts, master weights, CUDA graphs, checkpoints,
 #                 compile, AMP); tests-cuda and tests-triton run one backend's share each
-#   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096)
+#   bench         the GPU roofline benchmark, both backends side by side (gpt-1b, 10000x4096, resnet50-cl)
 #   host          host time of a 10,000-tensor Adam step, CUDA and Triton backends: table check, counters on
 #                 the GPU or the CPU (bench/host_overhead.py)
 #   sanitizer     a small workload under compute-sanitizer memcheck (bench/sanitize_cuda.py)
@@ -118,7 +118,7 @@ stage_bench() {
   # The issues' GPU targets: fp32 on the 1B-param GPT list and 10,000 x 4,096, in that order; the
   # tables are rewritten after every row, so a time limit loses only the rest.
   timeout $(limit 200) python3 -m fused_opt.cli bench --device cuda --reps 7 --backends cuda triton --dtypes fp32 \
-    --regularisations none l1l2 --lists gpt-1b 10000x4096 --tag h200 --out "$OUT" >"$OUT/bench.log" 2>&1
+    --regularisations none l1l2 --lists gpt-1b 10000x4096 resnet50-cl --tag h200 --out "$OUT" >"$OUT/bench.log" 2>&1
   ended bench $?
   grep -v "%|" "$OUT/cuda-h200.md" 2>/dev/null | cut -c1-160 | tail -n 45
 }

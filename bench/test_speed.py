@@ -27,12 +27,7 @@ def param_lists():
         key = (list_name, dtype_name)
         if key not in made:
             made.clear()  # one list alive at a time
-            dtype = B.DTYPES[dtype_name]
-            params = [(torch.randn(s, device=DEVICE) * 0.02).to(dtype).requires_grad_()
-                      for s in B.PARAM_LISTS[list_name][1](QUICK)]
-            for p in params:
-                p.grad = (torch.randn_like(p, dtype=torch.float32) * 1e-3).to(dtype)
-            made[key] = params
+            made[key] = B.make_params(list_name, B.DTYPES[dtype_name], DEVICE, QUICK)
         return made[key]
 
     return get

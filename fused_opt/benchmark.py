@@ -1,6 +1,7 @@
 """Speed of fused_opt against torch.optim, measured against the memory roofline.
 
-    fused-opt bench                       # CPU: GPT-2-small (124M params), 10,000 x 4,096, 5,000 x 1,000
+    fused-opt bench                       # CPU: GPT-2-small (124M params), 10,000 x 4,096, 5,000 x 1,000,
+                                          #   ResNet-50 under channels_last (25.6M)
     fused-opt bench --quick               # seconds: scaled-down lists (what CI runs)
     fused-opt bench --device cuda         # GPU: adds a 1B-param GPT list
 
@@ -54,6 +55,22 @@ def gpt_shapes(d: int, layers: int, vocab: int, ctx: int) -> list[tuple[int, ...
     return shapes + [(d,), (d,)]
 
 
+def resnet50_shapes(width_div: int = 1) -> list[tuple[int, ...]]:
+    """ResNet-50's parameter list (25.6M params in 161 tensors; channels / width_div): convolutions,
+    batch norms' weights and biases, the classifier."""
+    w = lambda c: max(1, c // width_div)  # noqa: E731
+    shapes = [(w(64), 3, 7, 7), (w(64),), (w(64),)]
+    cin = w(64)
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            mid, out = w(width), w(4 * width)
+            shapes += [(mid, cin, 1, 1), (mid,), (mid,), (mid, mid, 3, 3), (mid,), (mid,), (out, mid, 1, 1), (out,), (out,)]
+            if b == 0:  # the projection shortcut
+                shapes += [(out, cin, 1, 1), (out,), (out,)]
+            cin = out
+    return shapes + [(1000, cin), (1000,)]
+
+
 # name -> (devices, shapes(quick))
 PARAM_LISTS = {
     "gpt2-small": (("cpu", "cuda"), lambda q: gpt_shapes(768 // (8 if q else 1), 12, 50257 // (8 if q else 1),
@@ -61,7 +78,25 @@ PARAM_LISTS = {
     "gpt-1b": (("cuda",), lambda q: gpt_shapes(2048 // (8 if q else 1), 20, 50257, 2048)),  # 1.11B in 244
     "10000x4096": (("cpu", "cuda"), lambda q: [(4096,)] * (500 if q else 10000)),
     "5000x1000": (("cpu", "cuda"), lambda q: [(1000,)] * (500 if q else 5000)),
+    # A vision model trained under channels_last, as torch recommends: its 4-d weights, their grads
+    # and states are dense but not contiguous.
+    "resnet50-cl": (("cpu", "cuda"), lambda q: resnet50_shapes(8 if q else 1)),
 }
+CHANNELS_LAST = {"resnet50-cl"}
+
+
+def make_params(list_name: str, dtype: torch.dtype, device: str, quick: bool, seed: int = 0) -> list[torch.Tensor]:
+    """A list's params, with grads laid out like them (as autograd makes them)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for s in PARAM_LISTS[list_name][1](quick):
+        p = (torch.randn(s, device=device, generator=g) * 0.02).to(dtype)
+        if list_name in CHANNELS_LAST and p.dim() == 4:
+            p = p.contiguous(memory_format=torch.channels_last)
+        p.requires_grad_()
+        p.grad = torch.empty_like(p).copy_(torch.randn(s, device=device, generator=g) * 1e-3)
+        params.append(p)
+    return params
 
 
 @dataclass
@@ -244,11 +279,7 @@ def run(device="cpu", quick=False, reps=None, lists=None, algorithms=None, dtype
             params.clear()
             gc.collect()
             dtype = DTYPES[dtype_name]
-            shapes = PARAM_LISTS[list_name][1](quick)
-            g = torch.Generator(device=device).manual_seed(0)
-            params = [(torch.randn(s, device=device, generator=g) * 0.02).to(dtype).requires_grad_() for s in shapes]
-            for p in params:
-                p.grad = (torch.randn(p.shape, device=device, generator=g) * 1e-3).to(dtype)
+            params = make_params(list_name, dtype, device, quick)
             numel = sum(p.numel() for p in params)
             if list_name not in ceilings:
                 ceilings[list_name] = ceiling_bandwidth(numel, reps, device)

@@ -6,6 +6,9 @@ import argparse
 import sys
 
 
+LISTS = ("gpt2-small", "gpt-1b", "10000x4096", "5000x1000", "resnet50-cl")  # benchmark.PARAM_LISTS (imported late)
+
+
 def _bench(args) -> int:
     from . import benchmark
 
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     b.add_argument("--quick", action="store_true", help="scaled-down parameter lists: seconds, not minutes")
     b.add_argument("--reps", type=int, default=None, help="timed steps per run (default 9, quick 5)")
-    b.add_argument("--lists", nargs="*", choices=("gpt2-small", "gpt-1b", "10000x4096", "5000x1000"),
+    b.add_argument("--lists", nargs="*", choices=LISTS,
                    help="parameter lists, measured in this order (default: all for the device)")
     b.add_argument("--algorithms", nargs="*", help="Adam AdamW RMSprop SGD-momentum")
     b.add_argument("--dtypes", nargs="*", default=["fp32"], choices=("fp32", "bf16"))

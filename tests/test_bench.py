@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from fused_opt import benchmark
 
 
@@ -96,3 +98,19 @@ def test_the_host_overhead_benchmark_has_rows_for_each_backend(tmp_path):
     rows = [r["what"] for r in json.loads((tmp_path / "host-overhead-cpu.json").read_text())["rows"]]
     assert rows == [f"fused_opt {b}{suffix}" for b in ("cpu", "cuda_sim") for suffix in (": table check", "", ", fused=False")] \
         + ["torch fused"]
+
+
+def test_the_cli_offers_every_parameter_list():
+    from fused_opt import cli
+
+    assert cli.LISTS == tuple(benchmark.PARAM_LISTS)
+
+
+def test_the_channels_last_list_is_resnet50_laid_out_like_training():
+    shapes = benchmark.resnet50_shapes()
+    assert (len(shapes), sum(math.prod(s) for s in shapes)) == (161, 25_557_032)  # torchvision's resnet50
+    params = benchmark.make_params("resnet50-cl", benchmark.DTYPES["bf16"], "cpu", quick=True)
+    convs = [p for p in params if p.dim() == 4]
+    assert len(convs) == 53 and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert sum(not p.is_contiguous() for p in convs) > 0  # (1x1 convolutions are both)
+    assert all(p.grad.stride() == p.stride() and p.grad.dtype == p.dtype for p in params)
