@@ -235,20 +235,20 @@ class FusedOptimizer(Optimizer):
                 if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
                     self.state[p][key] = value.to(p.device, copy=True)
         for p in (p for group in self.param_groups for p in group["params"]):
-            self._lay_out_like(p, self.state.get(p, {}))
+            self._lay_out_like(p, self.state.get(p, {}), dict.__setitem__)
 
     @staticmethod
-    def _lay_out_like(p: Tensor, state: dict) -> None:
-        """A checkpoint of a run whose params were laid out otherwise (contiguous then,
-        channels_last now): the states take their param's layout, values unchanged, so that the
-        kernels walk them with it in one flat pass (else every step copies them to a common layout
-        and back, and the group tables refuse them)."""
+    def _lay_out_like(p: Tensor, state: dict, put: Callable) -> None:
+        """States laid out unlike their dense param (a checkpoint saved before the model went
+        channels_last, or the model converted mid-run) take its layout, values unchanged, through
+        put(state, key, tensor): the kernels then walk them with it in one flat pass (else every step
+        copies them to a common layout and back, and the group tables refuse them)."""
         if not checks.is_dense(p):
             return
-        for key, value in state.items():
+        for key, value in list(state.items()):
             if (key != "step" and isinstance(value, Tensor) and value.shape == p.shape
                     and not checks.same_layout(value, p)):
-                state[key] = torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
+                put(state, key, torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value))
 
     def _check_loadable(self, state_dict: dict) -> None:
         """Refuses, before this optimizer changes, a state dict that another kind of optimizer saved
@@ -279,10 +279,14 @@ class FusedOptimizer(Optimizer):
         """A new state tensor for p: like p, float32 under master weights."""
         return torch.zeros_like(p, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
 
-    def _master(self, p: Tensor, state: dict, group: dict) -> Tensor | None:
-        """p's float32 master copy under master_weights (None: p has none). State made without one
-        (a torch.optim checkpoint, or master_weights switched on mid-run) is converted to float32
-        here; switched off, the copy is dropped and the states go back to p's dtype."""
+    def _fit_states(self, p: Tensor, state: dict, group: dict) -> Tensor | None:
+        """Makes p's states fit p and the group's options, and returns p's float32 master copy under
+        master_weights (None: p has none). State made without one (a torch.optim checkpoint, or
+        master_weights switched on mid-run) is converted to float32 here; switched off, the copy is
+        dropped and the states go back to p's dtype. States laid out unlike a param that is not
+        contiguous (a model made channels_last mid-run) take its layout (see _lay_out_like)."""
+        if not p.is_contiguous() and not torch.compiler.is_compiling():
+            self._lay_out_like(p, state, self._put)
         if self._state_dtype(p, group) != p.dtype:
             master = state.get(MASTER_KEY)
             if master is None:
@@ -581,7 +585,7 @@ class Adam(FusedOptimizer):
             if group["amsgrad"]:
                 if "max_exp_avg_sq" not in state:
                     self._put(state, "max_exp_avg_sq", self._zeros(p, group))
-            masters.append(self._master(p, state, group))
+            masters.append(self._fit_states(p, state, group))
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             exp_avgs.append(state["exp_avg"])
@@ -664,7 +668,7 @@ class RMSprop(FusedOptimizer):
                 self._put(state, "momentum_buffer", self._zeros(p, group))
             if group["centered"] and "grad_avg" not in state:
                 self._put(state, "grad_avg", self._zeros(p, group))
-            masters.append(self._master(p, state, group))
+            masters.append(self._fit_states(p, state, group))
             if group["momentum"] > 0:
                 momentum_buffers.append(state["momentum_buffer"])
             if group["centered"]:
@@ -710,7 +714,7 @@ class SGD(FusedOptimizer):
         return {**FusedOptimizer._torch_defaults(), "nesterov": False, "fused": False}
 
     def _prepare(self, group, params, grads, kwargs):
-        masters = [self._master(p, self._state(p), group) for p in params]
+        masters = [self._fit_states(p, self._state(p), group) for p in params]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
 
         def call(check_only: bool = False) -> None:
