@@ -243,11 +243,10 @@ class FusedOptimizer(Optimizer):
         channels_last, or the model converted mid-run) take its layout, values unchanged, through
         put(state, key, tensor): the kernels then walk them with it in one flat pass (else every step
         copies them to a common layout and back, and the group tables refuse them)."""
-        if not checks.is_dense(p):
-            return
+        stride = p.stride()
         for key, value in list(state.items()):
-            if (key != "step" and isinstance(value, Tensor) and value.shape == p.shape
-                    and not checks.same_layout(value, p)):
+            if (key != "step" and isinstance(value, Tensor) and value.stride() != stride  # (the usual case: same)
+                    and value.shape == p.shape and not checks.same_layout(value, p) and checks.is_dense(p)):
                 put(state, key, torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value))
 
     def _check_loadable(self, state_dict: dict) -> None:
