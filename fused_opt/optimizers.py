@@ -239,15 +239,17 @@ class FusedOptimizer(Optimizer):
 
     @staticmethod
     def _lay_out_like(p: Tensor, state: dict, put: Callable) -> None:
-        """States laid out unlike their dense param (a checkpoint saved before the model went
+        """Dense states laid out unlike their dense param (a checkpoint saved before the model went
         channels_last, or the model converted mid-run) take its layout, values unchanged, through
         put(state, key, tensor): the kernels then walk them with it in one flat pass (else every step
-        copies them to a common layout and back, and the group tables refuse them)."""
+        copies them to a common layout and back, and the group tables refuse them). A state that is
+        not dense or not on p's device is left for the step to refuse or copy, as before."""
         stride = p.stride()
         for key, value in list(state.items()):
             if (key != "step" and isinstance(value, Tensor) and value.stride() != stride  # (the usual case: same)
-                    and value.shape == p.shape and not checks.same_layout(value, p) and checks.is_dense(p)):
-                put(state, key, torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value))
+                    and value.shape == p.shape and value.device == p.device and not checks.same_layout(value, p)
+                    and checks.is_dense(value) and checks.is_dense(p)):
+                put(state, key, torch.empty_like(p, dtype=value.dtype).copy_(value))
 
     def _check_loadable(self, state_dict: dict) -> None:
         """Refuses, before this optimizer changes, a state dict that another kind of optimizer saved

@@ -164,6 +164,28 @@ def test_a_step_that_raises_keeps_the_states_it_would_have_laid_out_anew():
     assert all(t.stride() == weight.stride() for k, t in opt.state[weight].items() if k != "step")
 
 
+@pytest.mark.parametrize("broken", ["expanded", "strided"])
+def test_a_broken_state_of_a_param_that_is_not_contiguous_is_not_relaid(broken):
+    """Only a dense state takes its param's layout: an expanded one (one memory location for many
+    elements) is refused as before, and a strided view stays the user's tensor (updated in place)."""
+    model = _conv_net().to(memory_format=torch.channels_last)
+    opt = fused_opt.Adam(model.parameters(), lr=0.01)
+    _conv_steps(model, opt, range(2))
+    weight = model[0].weight
+    state = opt.state[weight]
+    if broken == "expanded":
+        state["exp_avg"] = torch.zeros(()).expand(weight.shape)
+        with pytest.raises(RuntimeError, match="exp_avg"):
+            _conv_steps(model, opt, range(2, 3))
+        assert state["exp_avg"].stride() == (0, 0, 0, 0)
+        return
+    view = torch.zeros(2 * weight.shape[0], *weight.shape[1:])[::2]
+    view.copy_(state["exp_avg"])
+    state["exp_avg"] = view
+    _conv_steps(model, opt, range(2, 3))
+    assert state["exp_avg"] is view and view.abs().sum() > 0
+
+
 def test_torch_state_dict_keeps_our_own_options():
     """A torch.optim state_dict has no l1/l1_mode/backend/master_weights: loading one keeps the
     optimizer's (L1 must not silently switch off); a fused_opt state_dict brings its own."""
