@@ -130,8 +130,11 @@ def _reverse_group(pair):
 
 
 def _load_earlier_checkpoint(pair):
+    # A copy, as torch.load gives: torch.optim's loader keeps the very tensors it is handed (steps
+    # then write into the saved dict), ours copies the states it lays out anew, so a dict loaded
+    # twice would differ between the two.
     for opt, _ in pair.both():
-        opt.load_state_dict(pair.saved[id(opt)])
+        opt.load_state_dict(copy.deepcopy(pair.saved[id(opt)]))
 
 
 SCENARIOS = {
