@@ -62,6 +62,35 @@ def test_mixed_devices_in_one_group_update_each_on_its_own():
     assert torch.equal(cpu.detach(), torch.full((3,), -0.5))
 
 
+
+TWO_GPUS = (pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=TWO_GPUS), pytest.param("triton", marks=TWO_GPUS)])
+@pytest.mark.parametrize("algo,kwargs", [("Adam", {"weight_decay": 0.1}), ("RMSprop", {"momentum": 0.9}),
+                                         ("SGD", {"momentum": 0.9, "nesterov": True})])
+def test_a_model_on_the_second_gpu_steps_there_while_the_first_is_current(algo, kwargs, backend):
+    """Each backend makes the params' device current for its launch (Triton launches on the current
+    device): cuda:1's params follow torch.optim there, ordinary steps and table steps alike."""
+    torch.manual_seed(0)
+    ours = [torch.randn(n, device="cuda:1", requires_grad=True) for n in (1000, 3, 70000)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = getattr(fused_opt, algo)(ours, lr=0.01, backend=backend, **kwargs)
+    ref = getattr(torch.optim, algo)(theirs, lr=0.01, foreach=False, **kwargs)
+    with torch.cuda.device(0):
+        for _ in range(4):
+            for a, b in zip(ours, theirs):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+            opt.step()
+            ref.step()
+        torch.cuda.synchronize(1)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for key, value in ref.state[b].items():
+            torch.testing.assert_close(opt.state[a][key].cpu().to(value.dtype), value.cpu(), rtol=1e-5, atol=1e-6)
+    assert opt._tables.fast_steps == 3  # steps 2-4 ran from the table: its launch too
+
 def test_torch_own_structural_checks_still_apply():
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):

@@ -17,6 +17,7 @@ Block size: from a sweep on an H200 (see BLOCK_LARGE_TENSORS below), 4096 under 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -186,6 +187,13 @@ def refuse_capture(device: torch.device) -> None:
                            "launch tables from the host); use backend='cuda' for capturable=True")
 
 
+def _current(device: torch.device):
+    """Makes the params' GPU the current device for a step (as the CUDA extension's CUDAGuard does):
+    Triton launches on the current device's current stream, so a model on cuda:1 stepped while
+    cuda:0 is current would otherwise launch its kernel on the wrong GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
             steps: list[Tensor], lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
             found_inf: Tensor | None, options: dict, advance_host_steps=None,
@@ -194,31 +202,32 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
     int64 on the CPU), one launch. Also the entry of the cached group tables (tables.py), which
     pass `advance_host_steps`: it advances counters kept on the CPU in one call and returns their
     values (None if they are not all there)."""
-    refuse_capture(device)
-    if found_inf is not None:
-        found_inf = found_inf.reshape(())  # one element of any shape; the counters' undo needs 0-d
-    # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
-    # no sync; elsewhere (or with counters on the host) it is read here.
-    found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in steps)
-    if found_inf is not None and not found_here and found_inf.item() != 0:
-        return
-    values = advance_host_steps() if advance_host_steps is not None and steps and not found_here else None
-    # The counters advance by 1, or by 1 - found_inf where it is on the device: one foreach, no sync
-    # (a Tensor passed where torch's foreach ops take a Scalar would be read on the host).
-    increment = (1 - found_inf).to(steps[0].dtype) if found_here and steps else 1.0
-    if values is None and steps:
-        torch._foreach_add_(steps, increment)
-    try:  # the kernel reads the steps' values, not the counters: a failure here (a compile error,
-        # an allocation) puts the counters back, so that the step raises with nothing changed
-        _launch(family, plan, grad_ptrs, device, dtype, steps, values, lr_tensor if lr_tensor is not None else lr,
-                grad_scale, found_inf if found_here else None, options, weight_decay_tensor)
-    except BaseException:
-        if steps:
-            if isinstance(increment, Tensor):
-                torch._foreach_add_(steps, increment, alpha=-1)
-            else:
-                torch._foreach_sub_(steps, increment)
-        raise
+    with _current(device):
+        refuse_capture(device)
+        if found_inf is not None:
+            found_inf = found_inf.reshape(())  # one element of any shape; the counters' undo needs 0-d
+        # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
+        # no sync; elsewhere (or with counters on the host) it is read here.
+        found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in steps)
+        if found_inf is not None and not found_here and found_inf.item() != 0:
+            return
+        values = advance_host_steps() if advance_host_steps is not None and steps and not found_here else None
+        # The counters advance by 1, or by 1 - found_inf where it is on the device: one foreach, no sync
+        # (a Tensor passed where torch's foreach ops take a Scalar would be read on the host).
+        increment = (1 - found_inf).to(steps[0].dtype) if found_here and steps else 1.0
+        if values is None and steps:
+            torch._foreach_add_(steps, increment)
+        try:  # the kernel reads the steps' values, not the counters: a failure here (a compile error,
+            # an allocation) puts the counters back, so that the step raises with nothing changed
+            _launch(family, plan, grad_ptrs, device, dtype, steps, values, lr_tensor if lr_tensor is not None else lr,
+                    grad_scale, found_inf if found_here else None, options, weight_decay_tensor)
+        except BaseException:
+            if steps:
+                if isinstance(increment, Tensor):
+                    torch._foreach_add_(steps, increment, alpha=-1)
+                else:
+                    torch._foreach_sub_(steps, increment)
+            raise
 
 
 def _launch(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
