@@ -61,8 +61,8 @@ def test_the_wheel_holds_every_module_of_the_package(built):
 def test_the_sdist_holds_everything_the_build_and_tests_need(built):
     needed = _files(ROOT / "csrc", "*") | _files(ROOT / "fused_opt", "*.py") | _files(ROOT / "tests", "*.py")
     needed = {f for f in needed if (ROOT / f).is_file() and not f.endswith(".so")}
-    needed |= {"setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "scripts/install.sh",
-               "scripts/test.sh"}
+    needed |= {"setup.py", "pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", "MANIFEST.in",
+               "scripts/install.sh", "scripts/test.sh"}
     assert any(f.endswith(".h") for f in needed) and any(f.endswith(".cu") for f in needed)
     missing = sorted(needed - built["sdist"])
     assert not missing, f"left out of the sdist: {missing}"
