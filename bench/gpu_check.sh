@@ -42,9 +42,9 @@ stamp() { echo "[$(($(date +%s) - t0))s] $*" | tee -a "$OUT/summary.txt"; }
 deadline=$((t0 + ${BUDGET:-480}))
 left_over=""
 limit() { local left=$((deadline - $(date +%s))); echo $((left < $1 ? left : $1)); }
-ended() {  # ended <stage> <rc> [what it says]: a stage cut by its time limit is left for the next call
-  stamp "$1 rc=$2${3:+ $3}"
-  if [ "$2" -eq 124 ]; then left_over="$left_over $1"; fi
+ended() {  # ended <stage> <rc> [what it says]: a stage cut by its time limit (124; 137: killed after it) is
+  stamp "$1 rc=$2${3:+ $3}"  # left for the next call
+  if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then left_over="$left_over $1"; fi
 }
 failures() {  # the first failures, in the output the device tool returns
   grep -E "^(FAILED|ERROR) " "$OUT/$1.log" | head -n 25 | cut -c1-300
@@ -102,10 +102,13 @@ parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)" || echo "
 # A hung case fails alone (pytest-timeout, where installed) instead of taking the stage's minutes.
 per_case=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90" || echo "")
 PYTEST_ARGS="-q -p no:cacheprovider --tb=short -rfE --durations=10 $parallel $per_case"
+# At its time limit pytest gets SIGINT, not SIGTERM: it then still prints the failures so far and the
+# counts (a SIGTERM'd run printed only dots), and is killed 30 s later if it has not ended.
 pytest_stage() {  # pytest_stage <name> <seconds> [-k expression]
   stamp "GPU tests: $1 ${parallel:-(serial: no pytest-xdist)}"
-  OMP_NUM_THREADS=1 timeout $(limit $2) python3 -m pytest $PYTEST_ARGS -m cuda ${3:+-k "$3"} tests >"$OUT/$1.log" 2>&1
-  ended $1 $? "$(tail -n 1 "$OUT/$1.log")"
+  OMP_NUM_THREADS=1 timeout -s INT -k 30 $(limit $2) python3 -m pytest $PYTEST_ARGS -m cuda ${3:+-k "$3"} tests \
+    >"$OUT/$1.log" 2>&1
+  ended $1 $? "$(grep -E "[0-9]+ (passed|failed|skipped|errors?) in " "$OUT/$1.log" | tail -n 1)"
   failures $1
 }
 
