@@ -25,7 +25,7 @@ def _cpu_kernels() -> str:
         return f"none ({why})"
     module = ops.cpu_module()
     threads = "" if module.cpu_kernels_threaded else (
-        "; built without OpenMP, they run on one thread: rebuild with a compiler that has it (README, Quick start)")
+        "; built without OpenMP, they run on one thread: rebuild with a compiler that has it (README, Install and build)")
     return f"{module.cpu_kernels()} (this CPU runs {', '.join(module.cpu_kernels_available())}){threads}"
 
 
