@@ -149,7 +149,7 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, 
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         denom = v_used.sqrt() / _coef(bias_correction2_sqrt, v_used) + eps
-        p = p + _coef(-step_size, p) * (m / denom)
+        p = p + _coef(-step_size, p) * m / denom  # torch's addcdiv: (value * t1) / t2
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
         _commit(exp_avgs[i], m, skip)
         _commit(exp_avg_sqs[i], v, skip)
@@ -182,7 +182,7 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, master_par
             p = p + _coef(-lr, p) * buf
             _commit(momentum_buffers[i], buf, skip)
         else:
-            p = p + _coef(-lr, p) * (g / avg)
+            p = p + _coef(-lr, p) * g / avg
         p = finish_param(p, lr=lr, l1=l1, l1_proximal=l1_proximal)
         _commit(square_avgs[i], sq, skip)
         _commit_param(param, master_params, i, p, skip)

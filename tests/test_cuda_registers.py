@@ -1,7 +1,8 @@
 """The CUDA kernels as ptxas compiles them for the H200 (sm_90), checked without a GPU: each kernel
 keeps its work in registers (no stack frame, no spills: the ~31 KB of launch metadata in the
 kernel's arguments is read in place, never copied to local memory) and fits the 512 threads a
-block of its launch bounds."""
+block of its launch bounds; and no multiply and add is contracted into an FMA (`--fmad=false`), so
+the kernels round as torch.optim and the CPU kernels do."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _cuda_home() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def ptxas_report(tmp_path_factory) -> str:
+def compiled(tmp_path_factory) -> tuple[str, str]:
+    """ptxas's report on ops_cuda.cu for sm_90, and the PTX nvcc made for it."""
     home = _cuda_home()
     if home is None or torch.version.cuda is None or shutil.which("bash") is None:
         pytest.skip("needs nvcc and a CUDA build of torch")
@@ -40,13 +42,19 @@ def ptxas_report(tmp_path_factory) -> str:
                 os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13", "include")]
     includes += cpp_extension.include_paths(device_type="cuda")
     # setup.py's nvcc flags (-lineinfo aside), for the one GPU the project is measured on.
+    out = tmp_path_factory.mktemp("ptxas")
     cmd = [os.path.join(home, "bin", "nvcc"), f"-std={std}", "-O3", "--fmad=false", "-gencode=arch=compute_90,code=sm_90",
-           "-Xptxas", "-v", "-c", str(ROOT / "csrc" / "cuda" / "ops_cuda.cu"),
-           "-o", str(tmp_path_factory.mktemp("ptxas") / "ops_cuda.o"),
+           "-Xptxas", "-v", "-keep", "-keep-dir", str(out), "-c", str(ROOT / "csrc" / "cuda" / "ops_cuda.cu"),
+           "-o", str(out / "ops_cuda.o"),
            "-DTORCH_EXTENSION_NAME=_C_cuda", "-Xcompiler", "-fPIC"] + [f"-I{d}" for d in includes]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
-    return done.stderr
+    return done.stderr, "".join(f.read_text() for f in out.glob("*.ptx"))
+
+
+@pytest.fixture(scope="module")
+def ptxas_report(compiled) -> str:
+    return compiled[0]
 
 
 def _kernels(report: str) -> dict[str, str]:
@@ -81,3 +89,11 @@ def test_kernels_fit_their_launch_bounds(ptxas_report):
         regs = re.search(r"Used (\d+) registers", lines)
         assert regs is not None, f"{name}: no register count in\n{lines}"
         assert int(regs.group(1)) <= 65536 // 512, f"{name}: {regs.group(0)}"
+
+
+def test_no_multiply_and_add_is_fused(compiled):
+    """In float32, the math of every param dtype but float64: no FMA at all. (In float64, libdevice's
+    pow, which makes the bias corrections of device step counters, is built on FMAs by design.)"""
+    ptx = compiled[1]
+    assert len(re.findall(r"\bmul\.rn\.f32\b", ptx)) > 50  # the kernels' products, each rounded on its own
+    assert re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx) == []

@@ -26,7 +26,10 @@ def _launch():
     return launch
 
 
-def test_kernels_compile_for_sm80_and_sm90_with_16_byte_loads():
+def test_kernels_compile_for_sm80_and_sm90_with_16_byte_loads_and_no_fma():
+    """Compiled as launch.py launches them: 16-byte loads for every slot of an unmasked block, and no
+    multiply-add contracted into an FMA (Triton's default), which would round unlike torch.optim and
+    the other backends (and differ from the interpreter the other tests run)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(fused_opt.__file__))  # compile this tree's kernels
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -39,8 +42,11 @@ def test_kernels_compile_for_sm80_and_sm90_with_16_byte_loads():
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
     slots = {("adam", True): 5, ("adam", False): 4, ("rmsprop", True): 5, ("rmsprop", False): 3,
              ("sgd", True): 2, ("sgd", False): 2}  # SGD's first step does not read the fresh buffer
+    assert loads.pop("adam-fp32-sm90-tritons-default")["fma"] > 0  # the count sees FMAs where Triton makes them
     assert len(loads) == 30
-    for variant, count in loads.items():
+    for variant, counts in loads.items():
+        assert counts["fma"] == 0, variant
+        count = counts["loads16"]
         family, dtype, _, *kind = variant.split("-")
         if kind == ["master"]:  # the grad in bfloat16; the float32 master copy (not the param) and states
             assert count == itemsize[dtype] + (slots[family, True] - 1) * 4, variant

@@ -171,7 +171,8 @@ def _adam_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constexpr,
         second = _maximum(_load(x_ptr, offs, numel, OPMATH, MASKED), exp_avg_sq)
         _store(x_ptr, offs, numel, second, STATE, MASKED)
     denom = _div(_sqrt(second), tl.load(per_tensor + 2 * t + 1)) + tl.load(coef + COMMON + 3)
-    p = p + tl.load(per_tensor + 2 * t) * _div(exp_avg, denom)  # per_tensor: -step size, sqrt(bias corr. 2)
+    # per_tensor: -step size, sqrt(bias corr. 2); (value * t1) / t2, as torch's addcdiv
+    p = p + _div(tl.load(per_tensor + 2 * t) * exp_avg, denom)
     p = _finish_param(p, coef, L1_PROXIMAL)
 
     _store_param(table, n, t, offs, numel, p, DTYPE, ALIGNED, MASKED, MASTER)
@@ -206,7 +207,7 @@ def _rmsprop_block(table, n, t, offs, numel, coef, per_tensor, DTYPE: tl.constex
         _store(buf_ptr, offs, numel, buf, STATE, MASKED)
         p = p + neg_lr * buf
     else:
-        p = p + neg_lr * _div(g, avg)
+        p = p + _div(neg_lr * g, avg)
     p = _finish_param(p, coef, L1_PROXIMAL)
 
     _store_param(table, n, t, offs, numel, p, DTYPE, ALIGNED, MASKED, MASTER)

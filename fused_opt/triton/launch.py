@@ -37,6 +37,9 @@ from . import kernels
 # elements or more, else 2048. Under the CPU interpreter, 4096: fewer programs to interpret.
 BLOCK_LARGE_TENSORS, BLOCK_SMALL_TENSORS, LARGE_TENSOR, BLOCK_INTERPRETED = 1024, 2048, 1 << 16, 4096
 NUM_WARPS = 4
+# Compiler options of every launch. No FMA contraction (Triton's default contracts a * b + c): each
+# product and sum rounded on its own, as torch.optim's ops and our C++ and CUDA kernels round them.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 block_override: int | None = None  # set by bench/triton_blocks.py's sweep
 # The pointer table's rows: param, grad, up to three states, the master copy (csrc/cpu/launch.h).
 _KEPT_ROWS = [0, 2, 3, 4, 5]  # the rows that do not change from step to step (all but the grads')
@@ -253,7 +256,7 @@ def _launch(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
         STATE=tl.float32 if plan.master else _TL_DTYPES[dtype], OPMATH=_TL_DTYPES[opmath], MASTER=plan.master,
         BLOCK=plan.block, ALIGNED=aligned, HAS_FOUND_INF=found_inf is not None,
         **_flags(options, grad_scale, weight_decay_tensor), F1=family_flags[0], F2=family_flags[1], F3=family_flags[2],
-        num_warps=NUM_WARPS)
+        num_warps=NUM_WARPS, **COMPILE_OPTIONS)
 
 
 def _op(family: str, params: list[Tensor], grads: list[Tensor], state_lists, masters: list[Tensor],

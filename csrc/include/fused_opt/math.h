@@ -144,7 +144,7 @@ FO_HD void adam_update(V& p, V g, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq, 
     second = max_exp_avg_sq;
   }
   V denom = Ops<V>::sqrt(second) / V(c.bias_correction2_sqrt) + V(c.eps);
-  p = p + V(c.neg_step_size) * (exp_avg / denom);
+  p = p + V(c.neg_step_size) * exp_avg / denom;  // torch's addcdiv: (value * t1) / t2
   finish_param(p, c.terms);
 }
 
@@ -192,7 +192,7 @@ FO_HD void rmsprop_update(V& p, V g, V& square_avg, V& grad_avg, V& momentum_buf
     momentum_buffer = momentum_buffer * V(c.momentum) + g / avg;
     p = p + V(c.neg_lr) * momentum_buffer;
   } else {
-    p = p + V(c.neg_lr) * (g / avg);
+    p = p + V(c.neg_lr) * g / avg;  // torch's addcdiv: (value * t1) / t2
   }
   finish_param(p, c.terms);
 }
