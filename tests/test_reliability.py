@@ -152,7 +152,8 @@ def _extreme_run(name, kwargs, dtype, backend, device):
     return [p.detach()] + [opt.state[p][k] for k in sorted(opt.state[p]) if k != "step"]
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:divide by zero encountered:RuntimeWarning")
 @pytest.mark.parametrize("where", EXTREME_BACKENDS)
 @pytest.mark.parametrize("name,kwargs", EXTREME_CONFIGS)
 def test_non_finite_and_overflowing_values_land_where_the_reference_puts_them(name, kwargs, where):
