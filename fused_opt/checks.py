@@ -71,8 +71,9 @@ def pack_group(op: str, params, grads, states: list[Named], masters: list[Tensor
     _check_group(op, params, grads, states, masters, steps)
     n = len(params)
     rows = [params, grads] + [lst if used else [] for _, lst, used in states] + [masters]
-    table = torch.tensor([[t.data_ptr() for t in lst] if lst else [0] * n for lst in rows], dtype=torch.int64)
-    return table.reshape(len(rows), n), torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    table = torch.tensor([[t.data_ptr() for t in lst] if lst else [0] * n for lst in rows], dtype=torch.int64,
+                         device="cpu")
+    return table.reshape(len(rows), n), torch.tensor([p.numel() for p in params], dtype=torch.int64, device="cpu")
 
 
 def check_scalars(op: str, **tensors: Tensor | None) -> None:
@@ -129,7 +130,11 @@ def check_step(op: str, name: str, i: int | None, s: Tensor, p: Tensor) -> None:
     if s.layout != torch.strided or s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"{op}: {_label(name, i)} must be a one-element dense float32 or float64 tensor")
     if s.device.type != "cpu" and s.device != p.device:
-        raise RuntimeError(f"{op}: {_label(name, i)} is on {s.device}, expected cpu or {p.device}")
+        raise RuntimeError(f"{op}: {_label(name, i)} is on {s.device}, expected {_step_devices(p)}")
+
+
+def _step_devices(p: Tensor) -> str:
+    return "cpu" if p.device.type == "cpu" else f"cpu or {p.device}"
 
 
 def _check_group(op: str, params, grads, states: list[Named], masters: list[Tensor], steps: Named) -> None:

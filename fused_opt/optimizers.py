@@ -346,7 +346,7 @@ class FusedOptimizer(Optimizer):
         if self._counts_on_device(p, group):
             return torch.zeros((), dtype=torch.float32, device=p.device)
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        return torch.tensor(0.0, dtype=dtype)
+        return torch.tensor(0.0, dtype=dtype, device="cpu")  # not torch's default device: torch.optim's place
 
     def _grads_of(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []

@@ -1,5 +1,5 @@
 """Optimizer behaviour users rely on: groups, None grads, closures, hooks, zero_grad, deepcopy,
-add_param_group, named params, complex params, GradScaler."""
+add_param_group, named params, complex params, GradScaler, torch's default device."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_opt
-from cases import ON_GPU
+from cases import INTERPRETER, ON_GPU
 
 
 def _pair(algo, **kwargs):
@@ -98,6 +98,54 @@ def test_l1_proximal_gives_exact_zeros():
     p.grad = torch.zeros(1000)
     opt.step()
     assert (p == 0).all()
+
+
+# (device, backend, optimizer, kwargs): every host-side tensor the step makes (step counters, pointer
+# tables, Triton's block map and coefficients) must say where it goes.
+DEFAULT_DEVICE_CASES = [
+    (fused_opt.AdamW, {"lr": torch.tensor(0.01), "amsgrad": True, "l1": 0.01}),
+    (fused_opt.Adam, {"lr": 0.01, "skip_nonfinite": True, "master_weights": True}),
+    (fused_opt.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.5, "weight_decay": torch.tensor(0.1)}),
+    (fused_opt.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "l1": 0.01, "l1_mode": "proximal"}),
+]
+DEFAULT_DEVICE_BACKENDS = ([pytest.param(("cpu", b), id=b) for b in ("cpu", "cuda_sim", "reference")]
+                           + [pytest.param(("cpu", "triton"), marks=INTERPRETER, id="triton"),
+                              pytest.param(("cuda", "cuda"), marks=ON_GPU, id="cuda-gpu"),
+                              pytest.param(("cuda", "triton"), marks=ON_GPU, id="triton-gpu")])
+
+
+@pytest.mark.parametrize("where", DEFAULT_DEVICE_BACKENDS)
+@pytest.mark.parametrize("case", range(len(DEFAULT_DEVICE_CASES)),
+                         ids=[cls.__name__ for cls, _ in DEFAULT_DEVICE_CASES])
+def test_torchs_default_device_set_elsewhere_changes_nothing(case, where):
+    """Code that sets torch.set_default_device("cuda") (or a `with torch.device(...)` block) still
+    trains CPU params, as torch.optim does; the meta device stands for "elsewhere" here, since any
+    tensor made there without a device breaks loudly."""
+    (cls, kwargs), (device, backend) = DEFAULT_DEVICE_CASES[case], where
+
+    def run(default):
+        torch.manual_seed(0)
+        params = [torch.randn(s, device=device, dtype=torch.bfloat16 if kwargs.get("master_weights") else None,
+                              requires_grad=True) for s in [(7, 5), (33,), ()]]
+        opt = cls(params, backend=backend, **kwargs)
+        with torch.device(default):
+            for step in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, device=device, dtype=p.dtype)
+                if step == 1 and kwargs.get("skip_nonfinite"):
+                    params[1].grad[0] = float("nan")
+                opt.step()
+        return params, opt
+
+    ours, opt = run("meta")
+    expected, expected_opt = run(device)
+    for p, q in zip(ours, expected):
+        assert torch.equal(p, q)
+        for key, value in expected_opt.state[q].items():
+            assert value.device == opt.state[p][key].device, key
+            assert torch.equal(opt.state[p][key], value), key
+    if kwargs.get("skip_nonfinite"):
+        assert opt.skipped_steps == expected_opt.skipped_steps == 1
 
 
 # (device, backend): on the GPU the scaler hands grad_scale and found_inf to the CUDA and Triton kernels.

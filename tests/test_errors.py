@@ -280,6 +280,7 @@ BROKEN_STATES = {
                          r"has shape \(16,\) but its param has shape \(5, 3\)"),
     # the dispatcher sends a call with a meta tensor to the ops' fake implementation, which checks
     "on-meta": ("exp_avg_sq", lambda t: t.to("meta"), RuntimeError, r"is on meta but its param is on"),
+    "step-on-meta": ("step", lambda t: t.to("meta"), RuntimeError, r"is on meta, expected cpu(\Z| or cuda:0\Z)"),
     "not-a-tensor": ("exp_avg_sq", lambda t: 0.0, TypeError, r"is a float, not a tensor"),
     "sparse-step": ("step", lambda t: t.to_sparse(), RuntimeError,
                     r"must be a one-element dense float32 or float64 tensor"),

@@ -10,6 +10,11 @@ namespace fused_opt::cpu {
 namespace py = pybind11;
 using Tensors = std::vector<at::Tensor>;
 
+// Where a step counter may live: on the CPU, or on its param's device.
+static std::string step_devices(const at::Tensor& param) {
+  return param.device().is_cpu() ? std::string("cpu") : "cpu or " + param.device().str();
+}
+
 // Checks one launch's lists (three state lists, unused ones empty; masters empty or one per
 // param; steps on the CPU or the params' device) and writes nothing.
 void check_lists(const std::string& op, const Tensors& params, const Tensors& grads, const std::vector<Tensors>& states,
@@ -22,7 +27,7 @@ void check_lists(const std::string& op, const Tensors& params, const Tensors& gr
               {"state_steps", steps, steps_used}, masters);
   for (int64_t i = 0; i < static_cast<int64_t>(steps.size()); ++i) {
     TORCH_CHECK(steps[i].device().is_cpu() || steps[i].device() == params[0].device(), op, ": state_steps[", i,
-                "] is on ", steps[i].device(), ", expected cpu or ", params[0].device());
+                "] is on ", steps[i].device(), ", expected ", step_devices(params[0]));
   }
 }
 

@@ -86,9 +86,9 @@ def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
         _PLANS.move_to_end(key)
         return found
     blocks_per = (numels + block - 1) // block
-    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks_per)
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32, device="cpu"), blocks_per)
     first = torch.cumsum(blocks_per, 0) - blocks_per  # index of each tensor's first block
-    block_start = (torch.arange(len(block_tensor)) - first.repeat_interleave(blocks_per)) * block
+    block_start = (torch.arange(len(block_tensor), device="cpu") - first.repeat_interleave(blocks_per)) * block
     aligned = bool((table[_KEPT_ROWS] % 16 == 0).all())
     found = _Plan(table.to(device), bool(table[5].any()), numels.to(device), block_tensor.to(device),
                   block_start.to(device), len(block_tensor), block, aligned)
@@ -109,7 +109,7 @@ def _coefficients(device: torch.device, opmath: torch.dtype, lr, grad_scale: Ten
     b = [0.0, 0.0, -options["weight_decay"], 0.0, options["l1"]]
     a += [x for x, _ in family_terms]
     b += [y for _, y in family_terms]
-    ab = torch.tensor([a, b], dtype=torch.float64)
+    ab = torch.tensor([a, b], dtype=torch.float64, device="cpu")
     if isinstance(lr, Tensor) and lr.device.type != "cpu":  # a and b go there (not made there: a sync)
         ab = _to_device(ab, device)
         coef = ab[0] + _lr64(lr, device) * ab[1]
