@@ -1,10 +1,11 @@
 """Optimizer behaviour users rely on: groups, None grads, closures, hooks, zero_grad, deepcopy,
-add_param_group, named params, complex params, GradScaler, torch's default device."""
+add_param_group, pickling, named params, complex params, GradScaler, torch's default device."""
 
 from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -67,6 +68,30 @@ def test_hooks_zero_grad_deepcopy_add_param_group():
     assert opt.param_groups[1]["l1"] == 0.1 and opt.param_groups[1]["backend"] == "auto"
     with pytest.raises(ValueError, match="Invalid l1 value"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "l1": -1.0})
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda_sim", "reference", pytest.param("triton", marks=INTERPRETER)])
+@pytest.mark.parametrize("algo", ["Adam", "RMSprop", "SGD"])
+def test_pickled_with_its_model_it_continues_exactly(algo, backend):
+    """torch.save(obj) of a whole trainer (model and optimizer objects, not state dicts) pickles the
+    optimizer: the copy steps its copy of the model as the original steps the original."""
+    extra = {"amsgrad": True} if algo == "Adam" else {"centered": True, "momentum": 0.9} if algo == "RMSprop" \
+        else {"momentum": 0.9, "l1": 0.01}
+    model, _ = _pair(algo)
+    opt = getattr(fused_opt, algo)(model.parameters(), lr=0.01, backend=backend, **extra)
+    _loss(model, 0).backward()
+    opt.step()
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.param_groups[0]["params"][0] is model2[0].weight
+    for step in range(1, 4):
+        for m, o in ((model, opt), (model2, opt2)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == opt2.state[q].keys()
+        assert all(torch.equal(v, opt2.state[q][k]) for k, v in opt.state[p].items())
 
 
 def test_named_parameters_in_state_dict():
