@@ -29,7 +29,7 @@ class RandomBatchSizes:
         return cls(int(parts[1]), int(parts[2]), seed, lr_power)
 
     def draw(self) -> int:
-        return int(torch.randint(self.low, self.high + 1, (), generator=self.generator))
+        return int(torch.randint(self.low, self.high + 1, (), generator=self.generator, device="cpu"))
 
     def lr_factor(self, size: int) -> float:
         return (size / self.reference) ** self.lr_power
