@@ -219,9 +219,10 @@ def test_launch_plan_refuses_bounds_over_the_capacity():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("path", ["op", "table"])
 def test_a_gpu_step_launches_as_planned(path):
-    """10,000 tensors of 4,096 elements: one step is 40 kernel launches on the GPU and nothing else
-    (the profiler counts them), through the op and through the cached group table."""
-    from fused_opt._C import launch_plan
+    """10,000 tensors of 4,096 elements: one step is 40 update launches and 3 that advance the step
+    counters on the GPU, and nothing else (the profiler counts them), through the op and through
+    the cached group table."""
+    from fused_opt._C import counters_per_launch, launch_plan
 
     params = [torch.zeros(4096, device="cuda", requires_grad=True) for _ in range(10000)]
     for p in params:
@@ -235,9 +236,12 @@ def test_a_gpu_step_launches_as_planned(path):
         opt.step()
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ours = [name for name in kernels if "multi_tensor_kernel" in name]
-    assert len(ours) == len(launch_plan([4096] * 10000)) == 40, kernels[:5]
-    assert len(kernels) == len(ours), [name for name in kernels if "multi_tensor_kernel" not in name][:5]
+    updates = [name for name in kernels if "multi_tensor_kernel" in name]
+    counters = [name for name in kernels if "advance_counters_kernel" in name]
+    assert opt.state[params[0]]["step"].device.type == "cuda"
+    assert len(updates) == len(launch_plan([4096] * 10000)) == 40, kernels[:5]
+    assert len(counters) == -(-10000 // counters_per_launch) == 3, kernels[:5]
+    assert len(kernels) == len(updates) + len(counters), [name for name in kernels if name not in updates + counters][:5]
 
 
 # 64-bit index math: a tensor of more than 2**31 elements (bfloat16, 4.3 GB, and its grad), whose
@@ -330,6 +334,62 @@ def test_a_failed_launch_leaves_params_and_state_untouched(path, counters):
             assert torch.equal(opt.state[p][key], value), key
     opt.step()  # and the next step runs
     assert all(opt.state[p]["step"].item() == 2 for p in params)
+
+
+SIM_COUNTERS_PER_LAUNCH = 7  # cuda_sim.cpp's limit; a GPU launch advances up to 4,000 counters
+
+
+@pytest.mark.parametrize("path", ["op", "table"])
+@pytest.mark.parametrize("failing", [0, 1, 2], ids=["first", "second", "third"])
+def test_device_step_counters_advance_in_launches_of_their_own(failing, path):
+    """Float32 step counters (the device kind, in cuda_sim) advance before the update in launches
+    of their own, 7 counters a launch in cuda_sim: 20 params take three. With found_inf set on the
+    device none counts; when one of the three launches fails, the step raises with every counter,
+    param and state as it was (the launches before it are undone), and the next step runs."""
+    from fused_opt._C import set_failing_sim_launches
+
+    n = 3 * SIM_COUNTERS_PER_LAUNCH - 1
+    torch.manual_seed(0)
+    ours = [torch.randn(1 + 37 * i, requires_grad=True) for i in range(n)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = fused_opt.Adam(ours, lr=0.1, backend="cuda_sim", amsgrad=True)
+    ref = torch.optim.Adam(theirs, lr=0.1, amsgrad=True, foreach=False)
+
+    def step(found_inf=None, reference=True):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if path == "op":
+            opt._tables = fused_opt.tables.Tables()  # forgets the group's table: the step takes the op
+        opt.found_inf = found_inf
+        opt.step()
+        if reference:
+            ref.step()
+
+    def counters():
+        return [float(opt.state[p]["step"]) for p in ours]
+
+    step()
+    step(found_inf=torch.ones(()), reference=False)
+    assert counters() == [1.0] * n
+    step(found_inf=torch.zeros(()))
+    assert counters() == [2.0] * n and opt.state[ours[0]]["step"].dtype == torch.float32
+    before = [p.detach().clone() for p in ours], [{k: v.clone() for k, v in opt.state[p].items()} for p in ours]
+    set_failing_sim_launches(1, counters=True, after=failing)
+    try:
+        with pytest.raises(RuntimeError, match=r"simulated launch failure \(step counters\)"):
+            step(reference=False)
+    finally:
+        set_failing_sim_launches(0, counters=True)
+    for p, saved, saved_state in zip(ours, *before):
+        assert torch.equal(p, saved)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in saved_state.items())
+    step()
+    assert counters() == [3.0] * n
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=(

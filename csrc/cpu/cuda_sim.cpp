@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <string>
 
 #include "fused_opt/mta_ops.h"
 #include "fused_opt/registration.h"
@@ -14,13 +15,27 @@ namespace {
 
 // Launches that the tests make fail (set_failing_sim_launches): a GPU launch can fail before it
 // runs (an invalid configuration, say) and raises at once.
-std::atomic<int> failing_launches{0};
+struct Failing {
+  std::atomic<int> after{0}, count{0};  // `count` launches fail, after `after` that do not
+
+  void fail_if_due(const char* what) {
+    if (count.load() <= 0) return;
+    if (after.load() > 0) {
+      --after;
+      return;
+    }
+    --count;
+    throw c10::AcceleratorError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, 1,
+                                std::string("cuda_sim: a simulated launch failure (") + what + ")");
+  }
+};
+Failing failing_updates, failing_counters;
 
 struct SimRunner {
   // Launches smaller than the GPU's (32 tensors, 320 blocks), so that tests with CPU-sized tensors
   // cross launch boundaries: the same packing code, with other bounds; launch_plan below checks
   // the GPU's bounds.
-  static constexpr Limits kLimits{32, 320};
+  static constexpr Limits kLimits{32, 320, 7};
   struct Guard {
     explicit Guard(const at::Device&) {}
   };
@@ -35,13 +50,17 @@ struct SimRunner {
 
   template <typename scalar_t, bool Master, typename Family>
   static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
-    if (failing_launches.load() > 0) {
-      --failing_launches;
-      throw c10::AcceleratorError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, 1,
-                                  "cuda_sim: a simulated launch failure");
-    }
+    failing_updates.fail_if_due("update");
     for (int b = 0; b < blocks; ++b) {
       for (int t = 0; t < kThreads; ++t) process_block<scalar_t, Master>(meta, s, family, b, t, kThreads);
+    }
+  }
+
+  static void advance(const Counters& counters) {
+    failing_counters.fail_if_due("step counters");
+    const int blocks = (counters.n + kCounterThreads - 1) / kCounterThreads;
+    for (int b = 0; b < blocks; ++b) {
+      for (int t = 0; t < kCounterThreads; ++t) advance_counter(counters, b, t, kCounterThreads);
     }
   }
 };
@@ -52,7 +71,11 @@ void sim_table_step(const std::string& family, const TableArgs& a, const FamilyO
   table_step<SimRunner>(family, a, o);
 }
 
-void set_failing_sim_launches(int count) { failing_launches = count; }
+void set_failing_sim_launches(int count, bool counters, int after) {
+  Failing& f = counters ? failing_counters : failing_updates;
+  f.after = after;
+  f.count = count;
+}
 
 }  // namespace fused_opt::mta
 

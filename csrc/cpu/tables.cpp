@@ -479,7 +479,9 @@ PYBIND11_MODULE(_C, m) {
   fused_opt::cpu::bind_pack(m);
   fused_opt::mta::bind_table_step(m, "sim_table_step", &fused_opt::mta::sim_table_step);
   m.def("set_failing_sim_launches", &fused_opt::mta::set_failing_sim_launches, py::arg("count"),
-        "For tests: the next `count` launches of backend='cuda_sim' fail, as a GPU launch can.");
+        py::arg("counters") = false, py::arg("after") = 0,
+        "For tests: `count` launches of backend='cuda_sim' (updates, or step counters with counters=True) "
+        "fail, as a GPU launch can, after `after` that do not.");
   fused_opt::mta::bind_launch_plan(m);
   using fused_opt::cpu::Kernels;
   m.def("cpu_kernels", [] { return std::string(fused_opt::cpu::kernels_name(fused_opt::cpu::cpu_kernels())); },

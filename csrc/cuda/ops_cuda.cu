@@ -18,6 +18,10 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const Meta meta,
   process_block<scalar_t, Master>(meta, s, family, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
+__global__ void __launch_bounds__(kCounterThreads) advance_counters_kernel(const Counters counters) {
+  advance_counter(counters, blockIdx.x, threadIdx.x, blockDim.x);
+}
+
 struct CudaRunner {
   using Guard = c10::cuda::CUDAGuard;  // the params' device is current for the whole op
   static constexpr Limits kLimits{};   // launches as full as Meta allows
@@ -31,6 +35,12 @@ struct CudaRunner {
   template <typename scalar_t, bool Master, typename Family>
   static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
     multi_tensor_kernel<scalar_t, Master><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(meta, s, family);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void advance(const Counters& counters) {
+    const int blocks = (counters.n + kCounterThreads - 1) / kCounterThreads;
+    advance_counters_kernel<<<blocks, kCounterThreads, 0, at::cuda::getCurrentCUDAStream()>>>(counters);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -1,16 +1,15 @@
 // Host side of the multi-tensor ops (fused_opt::adam_, rmsprop_, sgd_) for a traversal backend:
 // the CUDA kernels (csrc/cuda/ops_cuda.cu) and their CPU simulation (csrc/cpu/cuda_sim.cpp).
-// `Runner` supplies check_device(op, params), a Guard type, kLimits (how full a launch gets) and
-// launch<scalar_t, Master>(meta, blocks, scalars, family);
+// `Runner` supplies check_device(op, params), a Guard type, kLimits (how full a launch gets),
+// launch<scalar_t, Master>(meta, blocks, scalars, family) and advance(counters);
 // everything else (checks, step counters, scalar tensors, packing of launches) is shared here.
 #pragma once
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/_foreach_add.h>
-#include <ATen/ops/_foreach_sub.h>
-#include <ATen/ops/rsub.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -41,8 +40,8 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
     out.keep.push_back(f);
     return f.data_ptr<float>();
   };
-  // lr and weight decay on the host for a GPU launch: read once here. Otherwise the kernels read
-  // them through pointers (so the CPU simulation runs the device path too).
+  // lr, weight decay and found_inf on the host for a GPU launch: read once here. Otherwise the
+  // kernels read them through pointers (so the CPU simulation runs the device path too).
   const auto on_host = [&](const at::Tensor& t) { return t.device().is_cpu() && !device.is_cpu(); };
   if (lr_tensor) {
     if (on_host(*lr_tensor)) out.s.lr = lr_tensor->item<double>();
@@ -53,7 +52,7 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
     else out.s.grad_scale = on_device(*grad_scale);
   }
   if (found_inf) {
-    if (found_inf->device().is_cpu()) out.skip = found_inf->item<double>() != 0.0;
+    if (on_host(*found_inf)) out.skip = found_inf->item<double>() != 0.0;
     else out.s.found_inf = on_device(*found_inf);
   }
   if (weight_decay_tensor) {
@@ -63,7 +62,35 @@ inline ScalarTensors make_scalars(double lr, const OptTensor& lr_tensor, const O
   return out;
 }
 
-// Step counters: float32 ones on the params' device are advanced there by one foreach launch, by
+// Advances (sign +1) or puts back (sign -1) float32 counters on the device, by 1 or, when
+// found_inf (a float32 device pointer) is given, by 1 - found_inf: Runner::advance's launches
+// (multi_tensor.h, Counters), each over up to kLimits.counters of them.
+// A launch that fails raises at once: the ones before it are then undone (best effort: a launch
+// error can leave the device unusable), so that the op raises with every counter as it was.
+template <typename Runner>
+void move_counters(const std::vector<at::Tensor>& counters, const float* found_inf, float sign) {
+  auto c = std::make_unique<Counters>();  // 32 KB: not on the stack
+  c->found_inf = found_inf;
+  const int n = static_cast<int>(counters.size()), per_launch = Runner::kLimits.counters;
+  const auto launch = [&](int start, int count, float s) {
+    c->n = count;
+    c->sign = s;
+    for (int i = 0; i < count; ++i) c->step[i] = counters[start + i].data_ptr<float>();
+    Runner::advance(*c);
+  };
+  int moved = 0;
+  try {
+    for (; moved < n; moved += c->n) launch(moved, std::min(per_launch, n - moved), sign);
+  } catch (...) {
+    try {
+      for (int start = 0; start < moved; start += per_launch) launch(start, std::min(per_launch, moved - start), -sign);
+    } catch (...) {
+    }
+    throw;
+  }
+}
+
+// Step counters: float32 ones on the params' device are advanced there (move_counters), by
 // 1 - found_inf when found_inf is on the device (no host sync), and read by the kernels;
 // the others, on the host, are advanced here and their values passed in the launch metadata. A
 // group may hold both kinds (capturable switched on mid-run gives the new params device counters).
@@ -71,11 +98,12 @@ struct Steps {
   std::vector<double> host;
   std::vector<const float*> dev;  // per tensor: its device counter, or null (then `host` holds the step)
   std::vector<at::Tensor> on_device, on_host;  // the counters this op advanced, for retreat()
-  std::optional<at::Tensor> increment;  // 1 - found_inf (0-d, float32, on the device), when it is there
+  const float* found_inf = nullptr;  // the device counters' increment is 1 - *found_inf when set
 
   // Puts the counters back when no launch was made (a launch that fails raises at once), so that
   // the op raises with nothing changed. On the device this may fail in turn (a launch error can
   // leave the device unusable): then the launch's error is the one that counts.
+  template <typename Runner>
   void retreat() const {
     for (const at::Tensor& s : on_host) {
       if (s.scalar_type() == at::kFloat) *s.data_ptr<float>() -= 1.0f;
@@ -83,8 +111,7 @@ struct Steps {
     }
     if (on_device.empty()) return;
     try {
-      if (increment) at::_foreach_add_(on_device, *increment, -1);
-      else at::_foreach_sub_(on_device, 1);
+      move_counters<Runner>(on_device, found_inf, -1.0f);
     } catch (...) {
     }
   }
@@ -94,8 +121,9 @@ inline bool device_counter(const at::Tensor& s, const at::Device& device) {
   return s.device() == device && s.scalar_type() == at::kFloat;
 }
 
-inline Steps advance_steps(at::TensorList steps, const at::Device& device, const ScalarTensors& sc,
-                           const OptTensor& found_inf) {
+template <typename Runner>
+Steps advance_steps(at::TensorList steps, const at::Device& device, const ScalarTensors& sc,
+                    const OptTensor& found_inf) {
   Steps out;
   out.host.assign(steps.size(), 0.0);
   out.dev.assign(steps.size(), nullptr);
@@ -107,17 +135,11 @@ inline Steps advance_steps(at::TensorList steps, const at::Device& device, const
     }
   }
   const bool has_host = out.on_device.size() < steps.size();
-  // Host counters under a found_inf on the device: one sync, to know whether to count the step.
-  const bool host_skip = has_host && found_inf && !found_inf->device().is_cpu() && found_inf->item<double>() != 0.0;
+  // Host counters under a found_inf read on the device: one sync, to know whether to count the step.
+  const bool host_skip = has_host && sc.s.found_inf != nullptr && found_inf->item<double>() != 0.0;
   if (!out.on_device.empty()) {
-    if (found_inf && !found_inf->device().is_cpu()) {
-      // One element of any shape (checked), made 0-d like the counters (a Tensor operand, never a
-      // Scalar, which would be read on the host).
-      out.increment = at::rsub(found_inf->to(device, at::kFloat).reshape({}), 1);
-      at::_foreach_add_(out.on_device, *out.increment);
-    } else {
-      at::_foreach_add_(out.on_device, 1);
-    }
+    out.found_inf = sc.s.found_inf;  // found_inf's float32 copy on the params' device, when it is there
+    move_counters<Runner>(out.on_device, out.found_inf, 1.0f);
   }
   for (size_t i = 0; i < steps.size(); ++i) {
     at::Tensor s = steps[i];
@@ -152,7 +174,7 @@ void launch_all(int n, const Describe& d, at::ScalarType dtype, bool master, con
       });
     });
   } catch (...) {
-    if (launched == 0) d.steps.retreat();
+    if (launched == 0) d.steps.template retreat<Runner>();
     throw;
   }
 }
@@ -192,7 +214,7 @@ void update(const char* op, at::TensorList params, at::TensorList grads, std::in
   typename Runner::Guard guard(device);
   const ScalarTensors sc = make_scalars(lr, lr_tensor, grad_scale, found_inf, weight_decay_tensor, device);
   if (sc.skip) return;
-  const Steps steps = advance_steps(state_steps, device, sc, found_inf);
+  const Steps steps = advance_steps<Runner>(state_steps, device, sc, found_inf);
   run<Runner>(params, grads, states, masters, steps, sc,
               sc.weight_decay_host ? with_weight_decay(family, *sc.weight_decay_host) : family);
 }
@@ -284,7 +306,7 @@ void table_update(const TableArgs& a, const Family& family) {
   typename Runner::Guard guard(a.device);
   const ScalarTensors sc = make_scalars(a.lr, a.lr_tensor, a.grad_scale, a.found_inf, std::nullopt, a.device);
   if (sc.skip) return;
-  const Steps steps = advance_steps(a.steps, a.device, sc, a.found_inf);
+  const Steps steps = advance_steps<Runner>(a.steps, a.device, sc, a.found_inf);
   struct Describe {
     const int64_t* rows;
     int64_t n;
@@ -309,6 +331,7 @@ void table_step(const std::string& family, const TableArgs& a, const FamilyOptio
 // Defined by the CUDA kernels (ops_cuda.cu) and by their CPU simulation (cuda_sim.cpp).
 void cuda_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o);
 void sim_table_step(const std::string& family, const TableArgs& a, const FamilyOptions& o);
-void set_failing_sim_launches(int count);  // cuda_sim.cpp: the next `count` simulated launches fail
+// cuda_sim.cpp: `count` simulated launches (of updates, or of step counters) fail, after `after` that do not.
+void set_failing_sim_launches(int count, bool counters, int after);
 
 }  // namespace fused_opt::mta

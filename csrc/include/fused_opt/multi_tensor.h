@@ -48,11 +48,36 @@ struct Scalars {
 static_assert(sizeof(Meta) + sizeof(Scalars) + 128 <= 32764, "launch metadata over the kernel argument limit");
 static_assert(kMaxTensors <= 256, "block_tensor holds a tensor's slot in one byte");
 
-// How much of Meta a launch fills: the GPU fills it all; the CPU simulation uses less, so that
-// tests of CPU-sized tensors cross launch boundaries.
+// Step counters that live on the device (float32, one 0-d tensor per param) advance before the
+// update, in launches of their own: one thread per counter, up to kMaxCounters pointers in the
+// arguments. 10,000 counters take 3 launches (torch's foreach add, which torch's fused optimizers
+// use, takes 91). The add is the foreach add's: step + increment in float32, the increment being 1,
+// or 1 - found_inf read on the device (no host sync; a skipped step then counts nothing).
+constexpr int kMaxCounters = 4000;
+constexpr int kCounterThreads = 256;
+
+struct Counters {
+  float* step[kMaxCounters];
+  const float* found_inf;  // when set, the increment is 1 - *found_inf
+  int n;
+  float sign;  // +1 advances; -1 puts back what the same call advanced
+};
+static_assert(sizeof(Counters) <= 32764, "counter pointers over the kernel argument limit");
+
+// Thread `thread` of counter block `block` advances counter block * nthreads + thread, if any.
+FO_HD void advance_counter(const Counters& c, int block, int thread, int nthreads) {
+  const int i = block * nthreads + thread;
+  if (i >= c.n) return;
+  const float increment = c.found_inf ? 1.0f - *c.found_inf : 1.0f;
+  *c.step[i] += c.sign * increment;
+}
+
+// How much of Meta (and of Counters) a launch fills: the GPU fills it all; the CPU simulation uses
+// less, so that tests of CPU-sized tensors cross launch boundaries.
 struct Limits {
   int tensors = kMaxTensors;
   int blocks = kMaxBlocks;
+  int counters = kMaxCounters;
 };
 
 // A family's options with another weight decay (read from a tensor at run time).

@@ -82,6 +82,7 @@ inline void bind_launch_plan(pybind11::module_& m) {
         return plan;
       },
       py::arg("numels"), py::arg("max_tensors") = py::none(), py::arg("max_blocks") = py::none());
+  m.attr("counters_per_launch") = kMaxCounters;  // device step counters one launch advances on a GPU
 }
 
 }  // namespace fused_opt::mta
