@@ -4,6 +4,7 @@ no recompilation."""
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -136,6 +137,42 @@ def test_compiled_step_skips_nonfinite_grads(backend):
         for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     assert opt.skipped_steps == eager.skipped_steps == 1
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])  # the reference is torch's ops
+def test_inductor_runs_the_op_in_place(backend, algo):
+    """torch.compile's default backend (Inductor) functionalizes the mutating op, then must put it
+    back in place: the compiled code calls it on the params and states themselves, never on copies
+    written back afterwards (which would move every byte twice), and the trajectory is eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    backend, device, lr_device = backend
+    torch._dynamo.reset()
+    eager_model, compiled_model = _model(device=device), _model(device=device)
+    kwargs = dict(lr=torch.tensor(0.01, device=lr_device), backend=backend, **ALGOS[algo])
+    eager = getattr(fused_opt, algo)(_groups(eager_model, 2), **kwargs)
+    opt = getattr(fused_opt, algo)(_groups(compiled_model, 2), **{**kwargs, "lr": torch.tensor(0.01, device=lr_device)})
+    step = torch.compile(opt.step, fullgraph=True)
+    codes = []
+    for i in range(3):
+        _grads(eager_model, i)
+        _grads(compiled_model, i)
+        eager.step()
+        codes += run_and_get_code(step)[1]
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+            for key, value in eager.state[p].items():
+                torch.testing.assert_close(opt.state[q][key], value, rtol=1e-6, atol=1e-7)
+    # run_and_get_code starts afresh each time: the first step's graph (it makes the state), then the usual one twice
+    assert len(codes) == 3
+    op = f"torch.ops.fused_opt.{'' if backend == 'cpu' else backend + '_'}{algo.lower().replace('adamw', 'adam')}_"
+    for i, code in enumerate(codes):
+        calls = [line for line in code.splitlines() if op in line]
+        assert len(calls) == 2, code  # one a param group
+        assert re.search(r"clone|copy", code) is None, code  # Inductor's copies in and back, had it not reinplaced
+        if i > 0:  # the usual step: every list the op gets is the graph's inputs, the real tensors
+            assert all(re.search(r"\bbuf\d", call) is None for call in calls), calls
 
 
 def test_tensor_betas_are_refused_clearly_under_compile():
