@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class _Plan:
 
 
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()  # steps in several threads share the cache (an eviction between a get and a move)
 
 
 def block_size(numels: Tensor, device: torch.device) -> int:
@@ -81,10 +83,11 @@ def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
     CPU; its grads' row does not count) and these numels: cached, least recently used dropped."""
     block = block_size(numels, device)
     key = (device, block, table[_KEPT_ROWS].numpy().tobytes(), numels.numpy().tobytes())
-    found = _PLANS.get(key)
-    if found is not None:
-        _PLANS.move_to_end(key)
-        return found
+    with _PLANS_LOCK:
+        found = _PLANS.get(key)
+        if found is not None:
+            _PLANS.move_to_end(key)
+            return found
     blocks_per = (numels + block - 1) // block
     block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32, device="cpu"), blocks_per)
     first = torch.cumsum(blocks_per, 0) - blocks_per  # index of each tensor's first block
@@ -92,9 +95,10 @@ def plan(table: Tensor, numels: Tensor, device: torch.device) -> _Plan:
     aligned = bool((table[_KEPT_ROWS] % 16 == 0).all())
     found = _Plan(table.to(device), bool(table[5].any()), numels.to(device), block_tensor.to(device),
                   block_start.to(device), len(block_tensor), block, aligned)
-    _PLANS[key] = found
-    if len(_PLANS) > _MAX_PLANS:
-        _PLANS.popitem(last=False)
+    with _PLANS_LOCK:
+        _PLANS[key] = found
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
     return found
 
 
