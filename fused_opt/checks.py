@@ -76,6 +76,16 @@ def pack_group(op: str, params, grads, states: list[Named], masters: list[Tensor
     return table.reshape(len(rows), n), torch.tensor([p.numel() for p in params], dtype=torch.int64, device="cpu")
 
 
+def counter_pointers(steps: list[Tensor], device: torch.device) -> Tensor | None:
+    """The step counters' addresses (int64 [n], CPU) when all live on `device` with one dtype (the
+    Triton launch then advances them in a kernel); else, or with none, None."""
+    if _compiled():
+        return ops.cpu_module().counter_pointers(steps, device)
+    if not steps or any(s.device != device or s.dtype != steps[0].dtype for s in steps):
+        return None
+    return torch.tensor([s.data_ptr() for s in steps], dtype=torch.int64, device="cpu")
+
+
 def check_scalars(op: str, **tensors: Tensor | None) -> None:
     """lr_tensor, grad_scale, found_inf, weight_decay_tensor: one element each, when given."""
     for name, t in tensors.items():

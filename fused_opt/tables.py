@@ -49,6 +49,7 @@ class _Entry:
     device: torch.device
     dtype: torch.dtype
     plan: object = None  # triton: the launch's pointer table and block map
+    counters: object = None  # triton: the step counters' addresses, where they are on the device (launch.Counters)
     pointers: tuple = ()  # cuda, cuda_sim: the pointer table (int64 [6, n], CPU) and numels
     like: Tensor | None = None  # cuda, cuda_sim: the first param (device and dtype of the launch)
     steps: list[Tensor] = field(default_factory=list)  # the step counters, in param order
@@ -121,8 +122,8 @@ class Tables:
         lr, lr_tensor, grad_scale, found_inf = scalars["lr"], scalars.get("lr_tensor"), amp["grad_scale"], amp["found_inf"]
         if entry.backend == "triton":
             from .triton import launch  # imported with the backend, which this table was built for
-            launch.execute(family, entry.plan, grad_ptrs, entry.device, entry.dtype, entry.steps, lr, lr_tensor,
-                           grad_scale, found_inf, kwargs, advance_host_steps=entry.table.advance_host_steps)
+            launch.execute(family, entry.plan, grad_ptrs, entry.device, entry.dtype, entry.steps, entry.counters, lr,
+                           lr_tensor, grad_scale, found_inf, kwargs, advance_host_steps=entry.table.advance_host_steps)
             return True
         table, numels = entry.pointers
         table[1].copy_(grad_ptrs)
@@ -156,6 +157,7 @@ class Tables:
         if backend == "triton":
             from .triton import launch
             entry.plan = launch.plan(*table.pointer_table(), device)
+            entry.counters = launch.device_counters(entry.steps, device)
         elif backend != "cpu":
             entry.pointers, entry.like = table.pointer_table(), params[0]
         self._tables[key] = entry

@@ -215,6 +215,23 @@ def test_launch_plan_refuses_bounds_over_the_capacity():
         launch_plan([1], GPU_MAX_TENSORS + 1, 1)
 
 
+def _gpu_step_kernels(count: int, path: str, backend: str) -> list[str]:
+    """The GPU kernels (and copies) of the second Adam step of `count` tensors of 4,096 elements."""
+    params = [torch.zeros(4096, device="cuda", requires_grad=True) for _ in range(count)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = fused_opt.Adam(params, backend=backend)
+    opt.step()  # creates the states (and the group's table)
+    if path == "op":
+        opt._tables = fused_opt.tables.Tables()  # forgets the table: the next step takes the op
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    assert opt.state[params[0]]["step"].device.type == "cuda" and opt.state[params[-1]]["step"].item() == 2
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("path", ["op", "table"])
@@ -224,24 +241,26 @@ def test_a_gpu_step_launches_as_planned(path):
     the cached group table."""
     from fused_opt._C import counters_per_launch, launch_plan
 
-    params = [torch.zeros(4096, device="cuda", requires_grad=True) for _ in range(10000)]
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt = fused_opt.Adam(params, backend="cuda")
-    opt.step()  # creates the states (and the group's table)
-    if path == "op":
-        opt._tables = fused_opt.tables.Tables()  # forgets the table: the next step takes the op
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
-        opt.step()
-        torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = _gpu_step_kernels(10000, path, "cuda")
     updates = [name for name in kernels if "multi_tensor_kernel" in name]
     counters = [name for name in kernels if "advance_counters_kernel" in name]
-    assert opt.state[params[0]]["step"].device.type == "cuda"
     assert len(updates) == len(launch_plan([4096] * 10000)) == 40, kernels[:5]
     assert len(counters) == -(-10000 // counters_per_launch) == 3, kernels[:5]
     assert len(kernels) == len(updates) + len(counters), [name for name in kernels if name not in updates + counters][:5]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or fused_opt.ops.triton_reason() is not None,
+                    reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("path", ["op", "table"])
+def test_a_gpu_triton_step_is_one_update_launch_and_one_counter_launch(path):
+    """10,000 tensors: one launch of the update and one of counters_kernel; what else runs (Adam's
+    bias corrections over all counters at once, the scalars' and tables' copies) is the same for
+    100 tensors, so nothing is launched per tensor or per group of tensors."""
+    kernels = _gpu_step_kernels(10000, path, "triton")
+    assert sum("step_kernel" in name for name in kernels) == 1, kernels[:20]
+    assert sum("counters_kernel" in name for name in kernels) == 1, kernels[:20]
+    assert sorted(kernels) == sorted(_gpu_step_kernels(100, path, "triton"))
 
 
 # 64-bit index math: a tensor of more than 2**31 elements (bfloat16, 4.3 GB, and its grad), whose

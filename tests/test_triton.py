@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_opt
 from fused_opt import dispatch
@@ -43,6 +44,8 @@ def test_kernels_compile_for_sm80_and_sm90_with_16_byte_loads_and_no_fma():
     slots = {("adam", True): 5, ("adam", False): 4, ("rmsprop", True): 5, ("rmsprop", False): 3,
              ("sgd", True): 2, ("sgd", False): 2}  # SGD's first step does not read the fresh buffer
     assert loads.pop("adam-fp32-sm90-tritons-default")["fma"] > 0  # the count sees FMAs where Triton makes them
+    counters = {k: loads.pop(k)["stores"] for k in list(loads) if k.startswith("counters-")}
+    assert len(counters) == 4 and all(stores > 0 for stores in counters.values()), counters  # the step kernel's
     assert len(loads) == 30
     for variant, counts in loads.items():
         assert counts["fma"] == 0, variant
@@ -140,6 +143,81 @@ def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable,
         assert torch.equal(p, b)
         assert all(torch.equal(opt.state[p][k], v) for k, v in s.items())
         assert opt.state[p]["step"].item() == 1
+
+
+class CounterTouches(TorchDispatchMode):
+    """Counts the torch ops that take any of `counters` (as an argument or in a list argument)."""
+
+    def __init__(self, counters: list[torch.Tensor]):
+        super().__init__()
+        self.addresses, self.ops = {c.data_ptr() for c in counters}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
+        if any(isinstance(t, torch.Tensor) and t.data_ptr() in self.addresses for t in flat):
+            self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0], ids=["no-scaler", "found-inf-clear", "found-inf-set"])
+@pytest.mark.parametrize("counter_dtype", [torch.float32, torch.float64], ids=["f32-steps", "f64-steps"])
+def test_step_counters_on_the_params_device_advance_in_one_launch_of_their_own(found_inf, counter_dtype,
+                                                                               monkeypatch):
+    # On a GPU, torch's foreach add over 10,000 counters is ~91 launches and stacking them for
+    # Adam's bias corrections ~79 more: counters on the params' device (the CPU, here) go to
+    # counters_kernel instead, in one launch, and no torch op touches them. The result must be
+    # the bits of the foreach path, which counters of mixed dtypes still take.
+    launch = _launch()
+    monkeypatch.setattr(launch, "COUNTER_BLOCK", 64)  # 1024 on a GPU; fewer tensors to interpret
+    n = 64 + 13  # two programs, the second masked
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(2, generator=gen) for _ in range(n)]
+    grads = [torch.randn(2, generator=gen) for _ in range(n)]
+    steps = [torch.tensor(float(k % 5), dtype=counter_dtype) for k in range(n)]
+    flag = None if found_inf is None else torch.tensor(found_inf)
+    kwargs = dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+                  decoupled_weight_decay=False, l1=0.0, l1_proximal=False, found_inf=flag)
+
+    def run(params, steps):
+        states = [[torch.zeros(2) for _ in range(n)] for _ in range(2)]
+        launch.adam_(params, grads, *states, [], [], steps, **kwargs)
+        return states
+
+    via_foreach = ([p.clone() for p in params], [s.clone() for s in steps])
+    with monkeypatch.context() as m:
+        m.setattr(launch, "device_counters", lambda steps, device: None)
+        states_foreach = run(*via_foreach)
+
+    grids, kernel = [], launch.kernels.counters_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(launch.kernels, "counters_kernel", Counted())
+    with CounterTouches(steps) as touches:
+        states = run(params, steps)
+    assert grids == [(2,)] and touches.ops == []
+    assert [s.item() for s in steps] == [k % 5 + (found_inf != 1.0) for k in range(n)]
+    for got, want in zip([params, steps, *states], [*via_foreach, *states_foreach]):
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("checks", ["c++", "python"])
+def test_only_counters_all_on_the_params_device_with_one_dtype_go_to_the_kernel(checks, monkeypatch):
+    launch = _launch()
+    if checks == "python":  # as on a machine where the CPU extension was not built
+        monkeypatch.setattr(fused_opt.ops, "load_extensions", lambda: {"fused_opt._C": "ImportError: simulated"})
+    cpu = torch.device("cpu")
+    steps = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)]
+    counters = launch.device_counters(steps, cpu)
+    assert counters.addresses.tolist() == [s.data_ptr() for s in steps]
+    assert (counters.count, counters.dtype) == (3, torch.float32)
+    assert launch.device_counters(steps, torch.device("meta")) is None  # not where the params are
+    assert launch.device_counters([*steps, torch.tensor(1.0, dtype=torch.float64)], cpu) is None  # mixed dtypes
+    assert launch.device_counters([*steps, torch.tensor(1.0, device="meta")], cpu) is None  # mixed devices
+    assert launch.device_counters([], cpu) is None
 
 
 @pytest.mark.parametrize("checks", ["c++", "python"])

@@ -44,6 +44,19 @@ def compile_variant(family: str, dtype: str, arch: int, flags_on: bool, master: 
             "fma": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f(?:32|64)\b", ptx))}
 
 
+def compile_counters(counter: str, arch: int, has_found_inf: bool) -> dict:
+    """counters_kernel, as launch.py launches it: its global stores (the counters' and the values')."""
+    fn = kernels.counters_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    consts = {"COUNTER": DTYPES[counter][0], "BLOCK": launch.COUNTER_BLOCK, "HAS_FOUND_INF": has_found_inf,
+              "UNDO": False}
+    signature = {"addresses": "*i64", "n": "i32", "found_inf": "*fp32", "values": "*fp64"}
+    signature.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.NUM_WARPS}).asm["ptx"]
+    return {"stores": len(re.findall(r"\bst\.global", ptx))}
+
+
 if __name__ == "__main__":
     out = {}
     for family in kernels.BLOCKS:
@@ -52,6 +65,9 @@ if __name__ == "__main__":
                 out[f"{family}-{dtype}-sm{arch}"] = compile_variant(family, dtype, arch, True)
         out[f"{family}-fp32-sm90-plain"] = compile_variant(family, "fp32", 90, False)
         out[f"{family}-bf16-sm90-master"] = compile_variant(family, "bf16", 90, True, master=True)
+    for counter in ("fp32", "fp64"):
+        for arch in (80, 90):
+            out[f"counters-{counter}-sm{arch}"] = compile_counters(counter, arch, arch == 90)
     # Triton's default options, to show that the count would see contracted multiply-adds.
     out["adam-fp32-sm90-tritons-default"] = compile_variant("adam", "fp32", 90, True, options={})
     json.dump(out, sys.stdout)

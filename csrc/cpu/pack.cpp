@@ -55,11 +55,25 @@ std::tuple<at::Tensor, at::Tensor> pack_group(const std::string& op, const Tenso
   return {table, numels};
 }
 
+// The step counters' addresses (int64 [n], CPU) when all live on `device` with one dtype (the
+// Triton launch then advances them in a kernel); else, or with none, None.
+std::optional<at::Tensor> counter_pointers(const Tensors& steps, c10::Device device) {
+  if (steps.empty()) return std::nullopt;
+  for (const at::Tensor& s : steps) {
+    if (s.device() != device || s.scalar_type() != steps[0].scalar_type()) return std::nullopt;
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(steps.size())}, at::kLong);
+  auto ptrs = out.accessor<int64_t, 1>();
+  for (size_t i = 0; i < steps.size(); ++i) ptrs[i] = reinterpret_cast<int64_t>(steps[i].data_ptr());
+  return out;
+}
+
 void bind_pack(py::module_& m) {
   m.def("check_lists", &check_lists, py::arg("op"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("used"), py::arg("names"), py::arg("masters"), py::arg("steps"), py::arg("steps_used"));
   m.def("pack_group", &pack_group, py::arg("op"), py::arg("params"), py::arg("grads"), py::arg("states"),
         py::arg("used"), py::arg("names"), py::arg("masters"), py::arg("steps"), py::arg("steps_used"));
+  m.def("counter_pointers", &counter_pointers, py::arg("steps"), py::arg("device"));
 }
 
 }  // namespace fused_opt::cpu

@@ -8,7 +8,8 @@ tensor, first element). With MASTER the math runs on the master copy, the states
 Scalars that depend on lr, grad_scale or the step come precomputed in float64 and rounded to
 the math type (launch.py), the same values the C++ kernels use; `coef` holds the per-launch
 ones and, for Adam, `per_tensor` the per-tensor bias corrections. A set found_inf masks every
-load and store: nothing is written, without a host sync.
+load and store: nothing is written, without a host sync. Step counters that live on the
+params' device are advanced before, by counters_kernel: one launch for all, whatever their number.
 
 The per-element math mirrors csrc/include/fused_opt/math.h line by line (one helper per
 family); 16-bit params are computed in float32, float64 params in float64.
@@ -255,6 +256,28 @@ def step_kernel(table, numels, block_tensor, block_start, found_inf, coef, per_t
         else:
             BLOCK_FN(table, n, t, offs, numel, coef, per_tensor, DTYPE, STATE, OPMATH, MASTER, ALIGNED, True, SCALE_GRAD,
                      COUPLED_L2, L1_SUBGRADIENT, DECOUPLED_L2, L1_PROXIMAL, F1, F2, F3)
+
+
+@triton.jit
+def counters_kernel(addresses, n, found_inf, values, COUNTER: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_FOUND_INF: tl.constexpr, UNDO: tl.constexpr):
+    """Advances n step counters (one COUNTER element each, at `addresses`, int64) by 1, or by
+    1 - found_inf read here, in COUNTER arithmetic as torch's foreach add; writes the new values
+    to `values` (float64 [n]) for the scalars. UNDO takes the same increment off again."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    ptrs = tl.load(addresses + i, mask=mask, other=0).to(tl.pointer_type(COUNTER))
+    step = tl.load(ptrs, mask=mask)
+    if HAS_FOUND_INF:
+        increment = (1 - tl.load(found_inf)).to(COUNTER)
+    else:
+        increment = tl.full((), 1, COUNTER)
+    if UNDO:
+        step = step - increment
+    else:
+        step = step + increment
+    tl.store(ptrs, step, mask=mask)
+    tl.store(values + i, step.to(tl.float64), mask=mask)
 
 
 # family -> its block function, and the names of the flags it takes as F1, F2, F3.

@@ -4,8 +4,9 @@ CPU tensors (how the tests run them without a GPU).
 
 Per call: check every input before anything is written (fused_opt/checks.py: the C++ ops'
 checks, run by the CPU extension when it is built; else the same in Python), advance
-the step counters, compute the scalars in float64 (the same values the C++ kernels use), and
-launch one kernel over all tensors. The pointer table and block map depend only on where the
+the step counters (where they live on the params' device, in one launch of their own), compute
+the scalars in float64 (the same values the C++ kernels use), and launch one kernel over all
+tensors. The pointer table and block map depend only on where the
 params and states live and how big they are, so they are kept (a few per process, least recently
 used dropped) and reused while those addresses and sizes are unchanged; only the grads' row is
 rewritten each call. The optimizers' cached group tables (fused_opt/tables.py) skip the per-call
@@ -38,6 +39,7 @@ from . import kernels
 # elements or more, else 2048. Under the CPU interpreter, 4096: fewer programs to interpret.
 BLOCK_LARGE_TENSORS, BLOCK_SMALL_TENSORS, LARGE_TENSOR, BLOCK_INTERPRETED = 1024, 2048, 1 << 16, 4096
 NUM_WARPS = 4
+COUNTER_BLOCK = 1024  # step counters a program of counters_kernel advances
 # Compiler options of every launch. No FMA contraction (Triton's default contracts a * b + c): each
 # product and sum rounded on its own, as torch.optim's ops and our C++ and CUDA kernels round them.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
@@ -201,39 +203,73 @@ def _current(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@dataclass
+class Counters:
+    """A group's step counters when all live on the params' device with one dtype: their
+    addresses (int64 [n] on the device), which counters_kernel advances in one launch."""
+    addresses: Tensor
+    dtype: torch.dtype
+    count: int
+
+
+def device_counters(steps: list[Tensor], device: torch.device) -> Counters | None:
+    """The Counters of `steps`, or None when they are not all on `device` with one dtype (those
+    advance with torch's foreach add). The cached group tables keep theirs."""
+    addresses = checks.counter_pointers(steps, device)
+    return None if addresses is None else Counters(_to_device(addresses, device), steps[0].dtype, len(steps))
+
+
+def _advance_counters(steps: list[Tensor], counters: Counters | None, found_inf: Tensor | None, device: torch.device,
+                      undo: bool = False) -> Tensor | None:
+    """Adds 1 to each step counter, or 1 - found_inf where found_inf is on the device (no sync), or
+    takes that off again (undo). Returns the new values (float64 [n], on the device) when
+    counters_kernel did it, else None."""
+    if counters is not None:
+        values = torch.empty(counters.count, dtype=torch.float64, device=device)
+        kernels.counters_kernel[(triton.cdiv(counters.count, COUNTER_BLOCK),)](
+            counters.addresses, counters.count, values if found_inf is None else found_inf, values,
+            COUNTER=_TL_DTYPES[counters.dtype], BLOCK=COUNTER_BLOCK, HAS_FOUND_INF=found_inf is not None, UNDO=undo,
+            num_warps=NUM_WARPS)
+        return values
+    # A Tensor passed where torch's foreach ops take a Scalar would be read on the host: the
+    # Tensor overload takes it on the device.
+    if found_inf is not None:
+        torch._foreach_add_(steps, (1 - found_inf).to(steps[0].dtype), alpha=-1 if undo else 1)
+    elif undo:
+        torch._foreach_sub_(steps, 1.0)
+    else:
+        torch._foreach_add_(steps, 1.0)
+    return None
+
+
 def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, dtype: torch.dtype,
-            steps: list[Tensor], lr: float, lr_tensor: Tensor | None, grad_scale: Tensor | None,
-            found_inf: Tensor | None, options: dict, advance_host_steps=None,
+            steps: list[Tensor], counters: Counters | None, lr: float, lr_tensor: Tensor | None,
+            grad_scale: Tensor | None, found_inf: Tensor | None, options: dict, advance_host_steps=None,
             weight_decay_tensor: Tensor | None = None) -> None:
-    """One checked step over a plan: step counters, scalars, this step's grads (their addresses,
-    int64 on the CPU), one launch. Also the entry of the cached group tables (tables.py), which
-    pass `advance_host_steps`: it advances counters kept on the CPU in one call and returns their
-    values (None if they are not all there)."""
+    """One checked step over a plan: step counters (`counters`: device_counters(steps, device)),
+    scalars, this step's grads (their addresses, int64 on the CPU), one launch. Also the entry of
+    the cached group tables (tables.py), which pass `advance_host_steps`: it advances counters kept
+    on the CPU in one call and returns their values (None if they are not all there)."""
     with _current(device):
         refuse_capture(device)
         if found_inf is not None:
             found_inf = found_inf.reshape(())  # one element of any shape; the counters' undo needs 0-d
         # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
         # no sync; elsewhere (or with counters on the host) it is read here.
-        found_here = found_inf is not None and found_inf.device == device and all(s.device == device for s in steps)
+        steps_here = counters is not None or all(s.device == device for s in steps)
+        found_here = found_inf is not None and found_inf.device == device and steps_here
         if found_inf is not None and not found_here and found_inf.item() != 0:
             return
         values = advance_host_steps() if advance_host_steps is not None and steps and not found_here else None
-        # The counters advance by 1, or by 1 - found_inf where it is on the device: one foreach, no sync
-        # (a Tensor passed where torch's foreach ops take a Scalar would be read on the host).
-        increment = (1 - found_inf).to(steps[0].dtype) if found_here and steps else 1.0
         if values is None and steps:
-            torch._foreach_add_(steps, increment)
+            values = _advance_counters(steps, counters, found_inf if found_here else None, device)
         try:  # the kernel reads the steps' values, not the counters: a failure here (a compile error,
             # an allocation) puts the counters back, so that the step raises with nothing changed
             _launch(family, plan, grad_ptrs, device, dtype, steps, values, lr_tensor if lr_tensor is not None else lr,
                     grad_scale, found_inf if found_here else None, options, weight_decay_tensor)
         except BaseException:
             if steps:
-                if isinstance(increment, Tensor):
-                    torch._foreach_add_(steps, increment, alpha=-1)
-                else:
-                    torch._foreach_sub_(steps, increment)
+                _advance_counters(steps, counters, found_inf if found_here else None, device, undo=True)
             raise
 
 
@@ -241,7 +277,7 @@ def _launch(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
             steps: list[Tensor], values: Tensor | None, lr, grad_scale: Tensor | None, found_inf: Tensor | None,
             options: dict, weight_decay_tensor: Tensor | None) -> None:
     """execute's scalars and launch, after the step counters were advanced (`values`: their new
-    values when known on the host)."""
+    values, float64 [n], when the host or counters_kernel gave them; else read from `steps`)."""
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     terms, flags = _spec(family, options)
     coef = _coefficients(device, opmath, lr, grad_scale, options, terms, weight_decay_tensor)
@@ -278,8 +314,9 @@ def _op(family: str, params: list[Tensor], grads: list[Tensor], state_lists, mas
     refuse_capture(device)
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(f"{op}: the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    execute(family, plan(table, numels, device), table[1], device, params[0].dtype, steps, lr, lr_tensor, grad_scale,
-            found_inf, options, weight_decay_tensor=weight_decay_tensor)
+    execute(family, plan(table, numels, device), table[1], device, params[0].dtype, steps,
+            device_counters(steps, device), lr, lr_tensor, grad_scale, found_inf, options,
+            weight_decay_tensor=weight_decay_tensor)
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *, lr, lr_tensor=None,
