@@ -256,8 +256,8 @@ def execute(family: str, plan: _Plan, grad_ptrs: Tensor, device: torch.device, d
             found_inf = found_inf.reshape(())  # one element of any shape; the counters' undo needs 0-d
         # found_inf on the params' device masks the kernel and undoes the step counters' advance, with
         # no sync; elsewhere (or with counters on the host) it is read here.
-        steps_here = counters is not None or all(s.device == device for s in steps)
-        found_here = found_inf is not None and found_inf.device == device and steps_here
+        found_here = (found_inf is not None and found_inf.device == device
+                      and (counters is not None or all(s.device == device for s in steps)))
         if found_inf is not None and not found_here and found_inf.item() != 0:
             return
         values = advance_host_steps() if advance_host_steps is not None and steps and not found_here else None
