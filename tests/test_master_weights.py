@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fused_opt
-from cases import ALGORITHMS, INTERPRETER, MASTER_CASES, STEPS, TOLERANCES, Case, make_grads, make_params
+from cases import (ALGORITHMS, INTERPRETER, MASTER_CASES, STEPS, TOLERANCES, Case, assert_same_bits, make_grads,
+                   make_params)
 from fused_opt.optimizers import MASTER_KEY
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
@@ -19,6 +20,12 @@ DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 def _params(init, dtype, device="cpu"):
     return [p.detach().to(device, dtype).clone().requires_grad_() for p in init]
+
+
+def _named(opt, params):
+    """[(name, tensor)]: each param, then its states by key."""
+    return [(f"param{i}", p) for i, p in enumerate(params)] + [
+        (f"param{i}.{k}", v) for i, p in enumerate(params) for k, v in sorted(opt.state[p].items())]
 
 
 def _step(opt, params, grads):
@@ -36,11 +43,17 @@ def test_master_trajectory(case: Case):
     ours_p, ref_p = _params(init, dtype, case.device), _params(init, dtype)
     ours = case.fused_cls(ours_p, backend=case.backend, **case.kwargs)
     ref = case.fused_cls(ref_p, backend="reference", **case.kwargs)
+    if case.bit_twin:
+        twin_p = _params(init, dtype)
+        twin = case.fused_cls(twin_p, backend=case.bit_twin, **case.kwargs)
     rtol, atol = TOLERANCES[torch.float32]
     for step in range(1, STEPS + 1):
         grads = make_grads(init, step)
         _step(ours, ours_p, grads)
         _step(ref, ref_p, grads)
+        if case.bit_twin:
+            _step(twin, twin_p, grads)
+            assert_same_bits(_named(ours, ours_p), _named(twin, twin_p), f"{case.id} step {step}")
         for i, (p, q) in enumerate(zip(ours_p, ref_p)):
             where = f"{case.id} step {step} param{i}"
             mine, theirs = ours.state[p], ref.state[q]

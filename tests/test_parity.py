@@ -1,5 +1,7 @@
 """Every case of the table, step after step: params and every state tensor against torch.optim
-(foreach=False, same dtype; when there is no L1 term) and against the float64 reference."""
+(foreach=False, same dtype; when there is no L1 term) and against the float64 reference; and the
+CPU stand-ins of the GPU backends (cuda_sim, Triton's interpreter) against the CPU kernels, bit for
+bit, as they write the same math in the same order with no FMA."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import torch
 
 import fused_opt
 from fused_opt import checks
-from cases import CASES, LOW_PRECISION_FACTOR, LOW_PRECISION_ULPS, STEPS, TOLERANCES, Case, make_grads, make_params
+from cases import (CASES, LOW_PRECISION_FACTOR, LOW_PRECISION_ULPS, STEPS, TOLERANCES, Case, assert_same_bits, make_grads,
+                   make_params)
 
 
 def _clone_params(params, dtype, device="cpu"):
@@ -69,6 +72,10 @@ def test_trajectory(case: Case):
     low_p = _clone_params(init, dtype)
     low = case.fused_cls(low_p, backend="reference", **case.kwargs)
     runs = ((ours_p, ours), (oracle_p, oracle), (yard_p, yard)) + (((low_p, low),) if dtype not in TOLERANCES else ())
+    if case.bit_twin:  # the CPU kernels, which this backend must match bit for bit
+        twin_p = _clone_params(init, dtype)
+        twin = case.fused_cls(twin_p, backend=case.bit_twin, **case.kwargs)
+        runs += ((twin_p, twin),)
 
     for step in range(1, STEPS + 1):
         grads = make_grads(init, step)
@@ -80,6 +87,9 @@ def test_trajectory(case: Case):
         oracle_t = [(f"param{i}", p) for i, p in enumerate(oracle_p)] + _state_tensors(oracle, oracle_p)
         yard_t = [(f"param{i}", p.cpu()) for i, p in enumerate(yard_p)] + _state_tensors(yard, yard_p)
         assert [n for n, _ in ours_t] == [n for n, _ in yard_t] == [n for n, _ in oracle_t], "state keys differ"
+        if case.bit_twin:
+            assert_same_bits(ours_t, [(f"param{i}", p) for i, p in enumerate(twin_p)] + _state_tensors(twin, twin_p),
+                             f"{case.id} step {step}")
         for (name, x), (_, ref), (_, y) in zip(ours_t, oracle_t, yard_t):
             where = f"{case.id} step {step} {name}"
             if name.endswith(".step"):

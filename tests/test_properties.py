@@ -1,6 +1,7 @@
 """Property tests (hypothesis): random shapes, dtypes, hyperparameters and options, every
 available backend against the float64 reference (on the CPU), a few steps each: the CPU backends,
-Triton (its interpreter here; on a GPU, with the CUDA backend, in `pytest -m cuda`)."""
+Triton (its interpreter here; on a GPU, with the CUDA backend, in `pytest -m cuda`). On the CPU,
+cuda_sim and Triton's interpreter must also give the CPU kernels' bits."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_opt
-from cases import INTERPRETER, ON_GPU
+from cases import INTERPRETER, ON_GPU, assert_same_bits
 
 # For CPU tensors: the compiled kernels and the reference (Triton's interpreter has its own test).
 BACKENDS = [b for b, why in fused_opt.available_backends().items() if why is None and b not in ("cuda", "triton")]
@@ -76,8 +77,10 @@ def _check_against_reference(shapes, config, dtype, backend, seed, device):
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     start = {"ours": [t.to(device, dtype) for t in init], "low": [t.to(dtype) for t in init],
              "ref": [t.to(dtype).double() for t in init]}  # the same start, exactly representable
-    params = {run: [t.clone().requires_grad_() for t in ts] for run, ts in start.items()}
     backends = {"ours": backend, "low": "reference", "ref": "reference"}
+    if device == "cpu" and backend in ("cuda_sim", "triton"):  # the GPU backends' stand-ins: the CPU kernels' bits
+        start["twin"], backends["twin"] = start["low"], "cpu"
+    params = {run: [t.clone().requires_grad_() for t in ts] for run, ts in start.items()}
     opts = {run: cls(params[run], backend=backends[run], **config) for run in params}
     for _ in range(3):
         grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -85,6 +88,10 @@ def _check_against_reference(shapes, config, dtype, backend, seed, device):
             for p, gr in zip(params[run], grads):
                 p.grad = gr.to(dtype).to(p.device, p.dtype)
             opt.step()
+    if "twin" in opts:
+        named = {run: [(f"param{i}.{k}", v) for i, p in enumerate(params[run])
+                       for k, v in [("param", p), *sorted(opts[run].state[p].items())]] for run in ("ours", "twin")}
+        assert_same_bits(named["ours"], named["twin"], f"{backend} vs cpu")
     rtol, atol = TOLERANCE[dtype]
     for i, q in enumerate(params["ref"]):
         ours, low, ref = ({"param": params[run][i], **opts[run].state[params[run][i]]} for run in ("ours", "low", "ref"))

@@ -170,7 +170,11 @@ def _step_values(steps: list[Tensor], device: torch.device) -> Tensor:
 def _adam_per_tensor(s: Tensor, lr, device: torch.device, opmath: torch.dtype, beta1: float, beta2: float) -> Tensor:
     """[neg_step_size, bias_correction2_sqrt] per tensor, from each tensor's (advanced) step `s`."""
     s = _to_device(s, device, torch.float64)
-    neg_step = -(_lr64(lr, device) / (1.0 - torch.pow(beta1, s)))
+    lr = _lr64(lr, device)
+    bias_correction1 = 1.0 - torch.pow(beta1, s)
+    # A true division, as the C++ kernels': torch's float / Tensor is a reciprocal and a multiply,
+    # an ulp off at times (float64 params show it).
+    neg_step = (torch.full_like(bias_correction1, -lr) if not isinstance(lr, Tensor) else -lr) / bias_correction1
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, s))
     return torch.stack([neg_step, bc2_sqrt], dim=1).to(opmath).flatten()
 
