@@ -48,9 +48,21 @@ struct SimRunner {
     return params[0].device();
   }
 
+  // What the GPU's launch could not hold or would read out of bounds is refused (the simulation's
+  // bounds stand for Meta's capacity, which the GPU fills).
+  static void check_launch(const Meta& meta, int blocks) {
+    TORCH_CHECK(blocks > 0 && blocks <= kLimits.blocks, "cuda_sim: a launch of ", blocks, " blocks");
+    for (int b = 0; b < blocks; ++b) {
+      const int t = meta.block_tensor[b];
+      TORCH_CHECK(t < kLimits.tensors && int64_t(meta.block_chunk[b]) * kChunk < meta.numel[t],
+                  "cuda_sim: block ", b, " maps to tensor ", t, ", chunk ", meta.block_chunk[b], ", outside the launch");
+    }
+  }
+
   template <typename scalar_t, bool Master, typename Family>
   static void launch(const Meta& meta, int blocks, const Scalars& s, const Family& family) {
     failing_updates.fail_if_due("update");
+    check_launch(meta, blocks);
     for (int b = 0; b < blocks; ++b) {
       for (int t = 0; t < kThreads; ++t) process_block<scalar_t, Master>(meta, s, family, b, t, kThreads);
     }
@@ -58,6 +70,7 @@ struct SimRunner {
 
   static void advance(const Counters& counters) {
     failing_counters.fail_if_due("step counters");
+    TORCH_CHECK(counters.n > 0 && counters.n <= kLimits.counters, "cuda_sim: a launch of ", counters.n, " counters");
     const int blocks = (counters.n + kCounterThreads - 1) / kCounterThreads;
     for (int b = 0; b < blocks; ++b) {
       for (int t = 0; t < kCounterThreads; ++t) advance_counter(counters, b, t, kCounterThreads);

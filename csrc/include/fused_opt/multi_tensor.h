@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "fused_opt/math.h"
@@ -101,17 +102,31 @@ FO_HD constexpr bool slot_is_float(int k) {
   return k == kMaster || (Master && k >= 2);
 }
 
+// A GPU faults on a vector load or store at an address that is not a multiple of 16 bytes (and the
+// fault ends the process's CUDA context); the CPU would not, so the CPU simulation checks each one.
+FO_HD void expect_vector_aligned(const void* p) {
+#if !defined(__CUDA_ARCH__)
+  if (reinterpret_cast<uintptr_t>(p) % kVectorBytes != 0) {
+    throw std::logic_error("fused_opt (cuda_sim): a 16-byte vector load or store at an unaligned address");
+  }
+#endif
+}
+
 template <typename T, int W, typename S>
 FO_HD void load_pack(const void* p, int64_t i, S* out) {
-  const Pack<T, W> pack = *reinterpret_cast<const Pack<T, W>*>(static_cast<const T*>(p) + i);
+  const T* at = static_cast<const T*>(p) + i;
+  expect_vector_aligned(at);
+  const Pack<T, W> pack = *reinterpret_cast<const Pack<T, W>*>(at);
   for (int j = 0; j < W; ++j) out[j] = S(pack.v[j]);
 }
 
 template <typename T, int W, typename S>
 FO_HD void store_pack(void* p, int64_t i, const S* in) {
+  T* at = static_cast<T*>(p) + i;
+  expect_vector_aligned(at);
   Pack<T, W> pack;
   for (int j = 0; j < W; ++j) pack.v[j] = T(in[j]);
-  *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p) + i) = pack;
+  *reinterpret_cast<Pack<T, W>*>(at) = pack;
 }
 
 // The work of thread `thread` of block `block`: compute the tensor's coefficients, then walk
