@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import checks, dispatch
+from . import checks, dispatch, sparse
 from .checks import is_dense, same_layout
 
 L1_MODES = ("subgradient", "proximal")
@@ -303,11 +303,18 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
     master_params and check_only as in `adam`).
 
     As in torch, a None momentum buffer is created from the first gradient (float32 for a param
-    with a master copy); the new buffers are put into `momentum_buffer_list`.
+    with a master copy); the new buffers are put into `momentum_buffer_list`. Sparse (COO) grads
+    are taken as torch.optim.SGD takes them (sparse.py).
     """
     names = ("params", "d_p_list", "momentum_buffer_list", "master_params")
     masters = master_params or []
     _check_lengths("sgd", names, (params, d_p_list, momentum_buffer_list, masters), (True, True, momentum != 0, False))
+    if any(g.is_sparse for g in d_p_list) or any(b is not None and b.is_sparse for b in momentum_buffer_list):
+        _sgd_with_sparse(params, d_p_list, momentum_buffer_list, masters, lr=lr, weight_decay=weight_decay,
+                         momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize, l1=l1,
+                         l1_mode=l1_mode, grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+                         check_only=check_only)
+        return
     kwargs = sgd_options(weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
                          maximize=maximize, l1=l1, l1_mode=l1_mode)
     mutable = (True, False, True, True)
@@ -342,3 +349,39 @@ def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list
     if new_buffers and not (found_inf is not None and bool(found_inf)):
         for i, buf in new_buffers.items():
             momentum_buffer_list[i] = buf
+
+
+def _sgd_with_sparse(params, d_p_list, momentum_buffer_list, masters, *, check_only, **options) -> None:
+    """sgd() of a list with sparse gradients (see sparse.py) or sparse momentum buffers: the params
+    with dense grads take the fused call (a sparse buffer that a sparse step made goes dense), the
+    others torch.optim.SGD's update; all are checked before either writes."""
+    op = "fused_opt.functional.sgd"
+    momentum = options["momentum"]
+    at = {False: [], True: []}  # sparse grad? -> indices
+    for i, g in enumerate(d_p_list):
+        at[g.is_sparse].append(i)
+    buffers = list(momentum_buffer_list) if momentum != 0 else [None] * len(params)
+    for i in at[True]:
+        sparse.check_options(op, f"params[{i}]", weight_decay=options["weight_decay"], l1=options["l1"])
+        sparse.check_param(op, f"params[{i}]", params[i], d_p_list[i], buffers[i], masters[i] if masters else None)
+    _check_scalars("sgd", options["lr"], options["grad_scale"], options["found_inf"])
+    for i in at[False]:
+        if buffers[i] is not None and buffers[i].is_sparse:
+            buffers[i] = buffers[i].to_dense()
+
+    def pick(lst, indices):
+        return [lst[i] for i in indices] if lst else []
+
+    dense_buffers = pick(buffers, at[False]) if momentum != 0 else []
+    sgd(pick(params, at[False]), pick(d_p_list, at[False]), dense_buffers, master_params=pick(masters, at[False]),
+        check_only=check_only, **options)
+    if check_only:
+        return
+    sparse_buffers = pick(buffers, at[True])
+    sparse.sgd_(pick(params, at[True]), pick(d_p_list, at[True]), sparse_buffers, pick(masters, at[True]),
+                **{k: options[k] for k in ("lr", "momentum", "dampening", "nesterov", "maximize", "grad_scale",
+                                           "found_inf")})
+    if momentum != 0:
+        for indices, new in ((at[False], dense_buffers), (at[True], sparse_buffers)):
+            for i, buf in zip(indices, new):
+                momentum_buffer_list[i] = buf

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checks, dispatch, functional, tables
+from . import checks, dispatch, functional, sparse, tables
 
 _EXTRA_DEFAULTS = {"l1": 0.0, "l1_mode": "subgradient", "backend": "auto", "master_weights": False}
 
@@ -148,6 +148,7 @@ class FusedOptimizer(Optimizer):
 
     family: str
     _state_needed: tuple[str, ...] = ()  # the keys every (non-empty) state of a param holds
+    _takes_sparse_grads = False  # as in torch.optim, only SGD takes them (sparse.py)
     # Params in a step are grouped per (device, dtype) and updated by one kernel call each, which
     # unscales grads by `grad_scale` and skips the step on `found_inf` (GradScaler's protocol).
     _step_supports_amp_scaling = True
@@ -246,7 +247,8 @@ class FusedOptimizer(Optimizer):
         not dense or not on p's device is left for the step to refuse or copy, as before."""
         stride = p.stride()
         for key, value in list(state.items()):
-            if (key != "step" and isinstance(value, Tensor) and value.stride() != stride  # (the usual case: same)
+            if (key != "step" and isinstance(value, Tensor) and value.layout == torch.strided
+                    and value.stride() != stride  # (the usual case: same)
                     and value.shape == p.shape and value.device == p.device and not checks.same_layout(value, p)
                     and checks.is_dense(value) and checks.is_dense(p)):
                 put(state, key, torch.empty_like(p, dtype=value.dtype).copy_(value))
@@ -355,7 +357,7 @@ class FusedOptimizer(Optimizer):
             if g is not None:
                 params.append(p)
                 grads.append(g)
-        if any(g.is_sparse for g in grads):
+        if not self._takes_sparse_grads and any(g.is_sparse for g in grads):
             raise RuntimeError(f"fused_opt.{type(self).__name__} does not support sparse gradients")
         return params, grads
 
@@ -375,6 +377,7 @@ class FusedOptimizer(Optimizer):
         device = grads[0].device
         found = torch.zeros((), dtype=torch.float32, device=device)
         for gs in by_device.values():
+            gs = [g.coalesce()._values() if g.is_sparse else g for g in gs]  # (summed duplicates may overflow)
             norms = torch._foreach_norm([torch.view_as_real(g) if g.is_complex() else g for g in gs], float("inf"))
             found += (~torch.stack(norms).isfinite()).any().to(device, torch.float32)
         return found
@@ -497,6 +500,10 @@ class FusedOptimizer(Optimizer):
             if step_key in state:
                 tensors.append((f"state[{step_key!r}] of {place}", state[step_key], None))
             try:
+                if p.grad.is_sparse and self._takes_sparse_grads:
+                    sparse.check_options(op, place, weight_decay=group["weight_decay"], l1=group["l1"])
+                    sparse.check_param(op, place, p, p.grad, state.get(slots[0]), state.get(MASTER_KEY))
+                    continue
                 checks.check_writable(op, place, None, p)
                 checks.check_like_param(op, f"grad of {place}", None, p.grad, p, p.dtype, strides=False)
                 for label, t, dtype in tensors:
@@ -689,10 +696,12 @@ class RMSprop(FusedOptimizer):
 
 
 @_documented("torch.optim.SGD (plain gradient descent when momentum=0; momentum, Nesterov), fused: "
-             "the update, L2 and L1 weight decay in one pass over memory.")
+             "the update, L2 and L1 weight decay in one pass over memory. Sparse gradients "
+             "(nn.Embedding(sparse=True)) take torch.optim.SGD's own update, without weight decay, as in torch.")
 class SGD(FusedOptimizer):
 
     family = "sgd"
+    _takes_sparse_grads = True
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
