@@ -50,15 +50,21 @@ def make_params(dtype: torch.dtype, device: str = "cpu") -> list[torch.Tensor]:
             torch.randn(3, 7, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()]
 
 
-def assert_like_torch(ours, our_opt, theirs, their_opt, where: str, master: bool = False) -> None:
+def assert_close(ours: list, theirs: list, where: str) -> None:
+    for (name, x), (_, y) in zip(ours, theirs):
+        torch.testing.assert_close(x, y, msg=lambda m: f"{where} {name}: {m}")
+
+
+def assert_like_torch(ours, our_opt, theirs, their_opt, where: str, master: bool = False, exact: bool = True) -> None:
     """The sparse-grad param (master: its float32 master copy) and its momentum buffer: torch's
-    bits and layout."""
+    bits (exact; else within the dtype's tolerance) and layout."""
+    compare = assert_same_bits if exact else assert_close
     mine, torchs = our_opt.state[ours].get("momentum_buffer"), their_opt.state[theirs].get("momentum_buffer")
-    assert_same_bits([("param", our_opt.state[ours][MASTER_KEY] if master else ours)], [("param", theirs)], where)
+    compare([("param", our_opt.state[ours][MASTER_KEY] if master else ours)], [("param", theirs)], where)
     assert (mine is None) == (torchs is None), where
     if mine is not None:
         assert mine.layout == torchs.layout, where
-        assert_same_bits([("momentum_buffer", mine.to_dense())], [("momentum_buffer", torchs.to_dense())], where)
+        compare([("momentum_buffer", mine.to_dense())], [("momentum_buffer", torchs.to_dense())], where)
 
 
 @pytest.mark.parametrize("lr", ["float", "tensor"])
@@ -79,7 +85,8 @@ def test_sparse_grads_step_as_torch_sgd_and_dense_ones_as_fused(backend, device,
         alone[0].grad = dense_grad(step, dtype, device=device)
         for opt in (our_opt, their_opt, alone_opt):
             opt.step()
-        assert_like_torch(ours[0], our_opt, theirs[0], their_opt, f"step {step}")
+        # (on a GPU torch may sum a sparse tensor's repeated rows in any order: an ulp apart at times)
+        assert_like_torch(ours[0], our_opt, theirs[0], their_opt, f"step {step}", exact=device == "cpu")
         assert_same_bits([("dense", ours[1])], [("dense", alone[0])], f"step {step}")
     if dtype in TOLERANCES:  # and the dense param near torch's
         torch.testing.assert_close(ours[1], theirs[1], rtol=TOLERANCES[dtype][0], atol=TOLERANCES[dtype][1])
