@@ -194,6 +194,10 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in {**self._torch_defaults(), **_EXTRA_DEFAULTS}.items():
                 group.setdefault(key, value)
+            for p in group["params"]:  # torch before 1.12 saved step counters as numbers: as torch.optim, made tensors
+                step = self.state.get(p, {}).get("step")
+                if step is not None and not isinstance(step, Tensor):
+                    self.state[p]["step"] = self._new_step(p, group).fill_(float(step))
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("_tally", {"skipped": self.__dict__.pop("_skipped", None)})
         self.__dict__.setdefault("_undo", [])

@@ -19,6 +19,7 @@ INVALID = [
     ("SGD", {"nesterov": True}), ("SGD", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}),
     ("Adam", {"lr": torch.tensor([0.1, 0.2])}), ("Adam", {"betas": (0.9, torch.tensor(0.99))}),
     ("AdamW", {"betas": (torch.tensor(0.9), 0.99)}), ("Adam", {"betas": (torch.tensor(1.0), torch.tensor(0.99))}),
+    ("Adam", {"fused": True, "foreach": True}), ("SGD", {"fused": True, "foreach": True}),
 ]
 
 

@@ -36,13 +36,19 @@ def _fresh(cls, kwargs, **extra):
     return params, cls(params, **kwargs, **extra)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])  # (torch's step counters follow it)
 @pytest.mark.parametrize("algo", CONFIGS)
-def test_same_keys_shapes_dtypes_as_torch(algo):
+def test_same_keys_shapes_dtypes_as_torch(algo, default_dtype):
     fused_cls, torch_cls = ALGORITHMS[algo][:2]
-    ours_p, ours = _fresh(fused_cls, CONFIGS[algo])
-    theirs_p, theirs = _fresh(torch_cls, CONFIGS[algo], foreach=False)
-    _run(ours, ours_p, 3)
-    _run(theirs, theirs_p, 3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        ours_p, ours = _fresh(fused_cls, CONFIGS[algo])
+        theirs_p, theirs = _fresh(torch_cls, CONFIGS[algo], foreach=False)
+        _run(ours, ours_p, 3)
+        _run(theirs, theirs_p, 3)
+    finally:
+        torch.set_default_dtype(previous)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a["state"].keys() == b["state"].keys()
     for i in a["state"]:
@@ -53,6 +59,42 @@ def test_same_keys_shapes_dtypes_as_torch(algo):
     for ga, gb in zip(a["param_groups"], b["param_groups"]):
         assert set(ga) - set(gb) == {"l1", "l1_mode", "backend", "master_weights"}
         assert {k: ga[k] for k in gb if k != "foreach"} == {k: v for k, v in gb.items() if k != "foreach"}
+
+
+@pytest.mark.parametrize("algo", CONFIGS)
+def test_a_state_dict_of_an_older_torch_loads_as_torch_loads_it(algo):
+    """Param groups without the keys torch.optim added since (foreach, maximize, capturable,
+    differentiable, fused, decoupled_weight_decay: AdamW's is True whatever was saved) and step
+    counters saved as numbers (before torch 1.12): loaded into either library, the same param
+    groups and counters, and the same next steps."""
+    fused_cls, torch_cls = ALGORITHMS[algo][:2]
+    params, opt = _fresh(torch_cls, CONFIGS[algo], foreach=False)
+    _run(opt, params, 3)
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        for key in ("foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"):
+            group.pop(key, None)
+    for state in old["state"].values():
+        if "step" in state:
+            state["step"] = int(state["step"])
+    loaded = []
+    for cls in (fused_cls, torch_cls):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        o = cls(ps, **CONFIGS[algo])
+        o.load_state_dict(copy.deepcopy(old))
+        loaded.append((ps, o))
+    (ours_p, ours), (theirs_p, theirs) = loaded
+    for ga, gb in zip(ours.param_groups, theirs.param_groups):
+        assert {k: ga[k] for k in gb if k != "params"} == {k: v for k, v in gb.items() if k != "params"}
+    for p, q in zip(ours_p, theirs_p):
+        assert ours.state[p].keys() == theirs.state[q].keys()
+        if "step" in theirs.state[q]:
+            x, y = ours.state[p]["step"], theirs.state[q]["step"]
+            assert (x.dtype, x.device, x.item()) == (y.dtype, y.device, y.item())
+    _run(ours, ours_p, 3, start=4)
+    _run(theirs, theirs_p, 3, start=4)
+    for p, q in zip(ours_p, theirs_p):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("direction", ["torch_to_fused", "fused_to_torch"])
@@ -162,6 +204,30 @@ def test_a_step_that_raises_keeps_the_states_it_would_have_laid_out_anew():
     bias["exp_avg"] = good
     opt.step()
     assert all(t.stride() == weight.stride() for k, t in opt.state[weight].items() if k != "step")
+
+
+@pytest.mark.parametrize("switched_on", ["amsgrad", "master_weights"])
+def test_a_refused_step_takes_back_what_an_option_switched_on_made(switched_on):
+    """amsgrad switched on makes a new slot; master weights, a float32 copy and float32 states,
+    which a param made channels_last first lays out anew, then converts (two changes to one entry,
+    taken back in reverse). A step refused for another param leaves every entry the object it was."""
+    model = _conv_net().to(torch.bfloat16)
+    opt = fused_opt.Adam(model.parameters(), lr=0.01)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+    model.to(memory_format=torch.channels_last)
+    for group in opt.param_groups:
+        group[switched_on] = True
+    before = {p: dict(opt.state[p]) for p in model.parameters()}
+    opt.state[model[-1].bias]["exp_avg"] = torch.zeros(5, dtype=torch.bfloat16)  # does not fit its param
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        opt.step()
+    for p, saved in before.items():
+        if p is not model[-1].bias:
+            assert opt.state[p].keys() == saved.keys() and all(opt.state[p][k] is v for k, v in saved.items())
 
 
 @pytest.mark.parametrize("broken", ["expanded", "strided"])
