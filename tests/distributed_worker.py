@@ -2,7 +2,8 @@
 
 `python distributed_worker.py MODE RANK WORLD INIT_FILE OUT_FILE` trains the same small model on
 the same global batches as the single-process run in the test, with MODE one of ddp, fsdp2, zero,
-dcp, and rank 0 saves the final full parameters (and for dcp the loss of resumed training).
+dcp, ddp-sparse (an nn.Embedding(sparse=True) whose sparse grads DDP all-reduces, stepped by SGD),
+and rank 0 saves the final full parameters.
 """
 
 from __future__ import annotations
@@ -18,30 +19,55 @@ import fused_opt
 STEPS, BATCH = 6, 8
 
 
-def model_fn():
+VOCAB = 64
+
+
+class EmbeddingMLP(torch.nn.Module):
+    """Token rows of a sparse-grad embedding, averaged, plus the dense features, into an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(VOCAB, 12, sparse=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def forward(self, x, tokens):
+        return self.mlp(x + self.embedding(tokens).mean(1))
+
+
+def model_fn(mode="ddp"):
     torch.manual_seed(0)
+    if mode == "ddp-sparse":
+        return EmbeddingMLP()
     return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
 
 
 def batch(step):
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(BATCH, 12, generator=g), torch.randn(BATCH, 4, generator=g)
+    # Few tokens per sample: the ranks' sparse grads hold different rows, some the same.
+    return torch.randn(BATCH, 12, generator=g), torch.randn(BATCH, 4, generator=g), \
+        torch.randint(0, VOCAB, (BATCH, 2), generator=g)
 
 
-def opt_fn(params):
+def opt_fn(params, mode="ddp"):
+    if mode == "ddp-sparse":  # sparse grads take no weight decay or L1 (as torch.optim.SGD)
+        return fused_opt.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
     return fused_opt.AdamW(params, lr=0.01, weight_decay=0.1, l1=0.5, l1_mode="proximal")
 
 
-def local_loss(model, step, rank, world):
-    x, y = batch(step)
+def local_loss(model, step, rank, world, mode="ddp"):
+    x, y, tokens = batch(step)
     n = BATCH // world
-    return torch.nn.functional.mse_loss(model(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n])
+    mine = slice(rank * n, (rank + 1) * n)
+    out = model(x[mine], tokens[mine]) if mode == "ddp-sparse" else model(x[mine])
+    return torch.nn.functional.mse_loss(out, y[mine])
 
 
-def train(model, opt, steps, rank, world):
+def train(model, opt, steps, rank, world, mode="ddp"):
     for step in steps:
         opt.zero_grad()
-        local_loss(model, step, rank, world).backward()
+        local_loss(model, step, rank, world, mode).backward()
+        if mode == "ddp-sparse":  # (DDP all-reduces it as a sparse tensor: SGD must take it so)
+            assert opt.param_groups[0]["params"][0].grad.is_sparse
         opt.step()
 
 
@@ -51,16 +77,16 @@ def full_params(model):
 
 def main(mode, rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = model_fn()
-    if mode in ("ddp", "zero"):
+    model = model_fn(mode)
+    if mode in ("ddp", "zero", "ddp-sparse"):
         model = torch.nn.parallel.DistributedDataParallel(model)
-        if mode == "ddp":
-            opt = opt_fn(model.parameters())
+        if mode != "zero":
+            opt = opt_fn(model.parameters(), mode)
         else:
             from torch.distributed.optim import ZeroRedundancyOptimizer
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fused_opt.AdamW, lr=0.01,
                                           weight_decay=0.1, l1=0.5, l1_mode="proximal")
-        train(model, opt, range(STEPS), rank, world)
+        train(model, opt, range(STEPS), rank, world, mode)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
