@@ -95,11 +95,25 @@ def _adam_inputs(n=3, size=10):
     return params, grads, m, v, steps
 
 
+def _last(lists, *tensors):
+    """The lists with their last tensors replaced."""
+    return tuple(lst[:-1] + [t] for lst, t in zip(lists, tensors))
+
+
+# Each: (params, grads, exp_avgs, exp_avg_sqs, steps) -> those, or those and (master_params, op kwargs).
 BAD_INPUTS = {
     "short_grads": lambda p, g, m, v, s: (p, g[:-1], m, v, s),
+    "short_state": lambda p, g, m, v, s: (p, g, m, v[:-1], s),
     "wrong_state_dtype": lambda p, g, m, v, s: (p, g, m[:-1] + [m[-1].double()], v, s),
     "wrong_state_numel": lambda p, g, m, v, s: (p, g, m, v[:-1] + [torch.zeros(11)], s),
     "wrong_grad_shape": lambda p, g, m, v, s: (p, g[:-1] + [g[-1].view(2, 5)], m, v, s),
+    # only the rows' stride differs (a slice of a wider tensor)
+    "grad_rows_apart": lambda p, g, m, v, s: (*_last((p, g, m, v), torch.randn(2, 5), torch.randn(2, 6)[:, :5],
+                                                     torch.zeros(2, 5), torch.zeros(2, 5)), s),
+    "sparse_grad": lambda p, g, m, v, s: (p, g[:-1] + [g[-1].to_sparse()], m, v, s),
+    "sparse_param": lambda p, g, m, v, s: (p[:-1] + [p[-1].to_sparse()], g, m, v, s),
+    "integer_params": lambda p, g, m, v, s: tuple(
+        [t.long() for t in lst] for lst in (p, g, m, v)) + (s,),
     "overlapping_param": lambda p, g, m, v, s: (p[:-1] + [torch.zeros(1).expand(10)], g, m, v, s),
     "missing_step": lambda p, g, m, v, s: (p, g, m, v, s[:-1]),
     "step_not_scalar": lambda p, g, m, v, s: (p, g, m, v, s[:-1] + [torch.zeros(2)]),
@@ -108,22 +122,86 @@ BAD_INPUTS = {
                                            m[:-1] + [m[-1].double()], v[:-1] + [v[-1].double()], s),
     # dispatched to the fake implementation, which must refuse it too (it used to do nothing)
     "state_on_meta": lambda p, g, m, v, s: (p, g, m[:-1] + [m[-1].to("meta")], v, s),
+    "masters_of_float32_params": lambda p, g, m, v, s: (p, g, m, v, s, [torch.zeros(10) for _ in p], {}),
+    "short_masters": lambda p, g, m, v, s: (*[[t.bfloat16() for t in lst] for lst in (p, g)], m, v, s,
+                                            [torch.zeros(10)] * (len(p) - 1), {}),
+    "float64_master": lambda p, g, m, v, s: (*[[t.bfloat16() for t in lst] for lst in (p, g)], m, v, s,
+                                             [torch.zeros(10)] * (len(p) - 1) + [torch.zeros(10).double()], {}),
+    "two_element_grad_scale": lambda p, g, m, v, s: (p, g, m, v, s, [], {"grad_scale": torch.ones(2)}),
+    "two_element_found_inf": lambda p, g, m, v, s: (p, g, m, v, s, [], {"found_inf": torch.zeros(2)}),
+    "amsgrad_state_without_amsgrad": lambda p, g, m, v, s: (p, g, m, v, s, [],
+                                                            {"max_exp_avg_sqs": [torch.zeros(10) for _ in p]}),
 }
+# The ops, and the checks they make: the C++ ops always their own; the reference and the Triton
+# launch those of checks.py, which call the CPU extension's when it is built, else check in Python.
+CHECKED_OPS = [("adam_", "c++"), ("cuda_sim_adam_", "c++"), ("reference", "c++"), ("reference", "python"),
+               pytest.param("triton_adam_", "c++", marks=INTERPRETER),
+               pytest.param("triton_adam_", "python", marks=INTERPRETER)]
 
 
-@pytest.mark.parametrize("op_name", ["adam_", "cuda_sim_adam_"])
+def _bad_call(bad):
+    p, g, m, v, s, *rest = BAD_INPUTS[bad](*_adam_inputs())
+    masters, kwargs = rest if rest else ([], {})
+    kwargs = dict(kwargs)
+    return (p, g, m, v, kwargs.pop("max_exp_avg_sqs", []), masters, s), kwargs
+
+
+def _call_adam(op_name, lists, kwargs):
+    if op_name.startswith("triton"):  # (importing the backend registers its op for CPU tensors too)
+        assert fused_opt.ops.triton_reason() is None
+    op = fused_opt.reference.adam_ if op_name == "reference" else getattr(torch.ops.fused_opt, op_name)
+    op(*lists, lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+       decoupled_weight_decay=False, l1=0.0, l1_proximal=False, **kwargs)
+
+
+# The names each op's refusals start with: the CUDA kernels' simulation speaks as the CUDA op,
+# and a call with a meta tensor is refused by the op's fake implementation, in the op's own name.
+OP_NAMES = {"adam_": ("fused_opt::adam_",), "cuda_sim_adam_": ("fused_opt::adam_", "fused_opt::cuda_sim_adam_"),
+            "reference": ("fused_opt.reference.adam_",), "triton_adam_": ("fused_opt::triton_adam_",)}
+
+
+@pytest.mark.parametrize("op_name,checks", CHECKED_OPS)
 @pytest.mark.parametrize("bad", BAD_INPUTS)
-def test_kernel_checks_leave_everything_untouched(bad, op_name):
-    inputs = BAD_INPUTS[bad](*_adam_inputs())
-    before = [[t.clone() for t in lst] for lst in inputs]
-    op = getattr(torch.ops.fused_opt, op_name)
-    with pytest.raises(RuntimeError, match="fused_opt::(cuda_sim_)?adam_"):
-        op(inputs[0], inputs[1], inputs[2], inputs[3], [], [], inputs[4], lr=0.1, beta1=0.9, beta2=0.999,
-           weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
-           l1_proximal=False)
-    for lst, saved in zip(inputs, before):
+def test_kernel_checks_leave_everything_untouched(bad, op_name, checks, monkeypatch):
+    """Every implementation refuses the call before writing anything, in the words of the C++
+    checks (those the reference makes when the CPU extension is built)."""
+    with pytest.raises(RuntimeError, match="fused_opt.reference.adam_: ") as words:
+        _call_adam("reference", *_bad_call(bad))
+    if checks == "python":
+        monkeypatch.setattr(fused_opt.checks, "_compiled", lambda: False)
+    lists, kwargs = _bad_call(bad)
+    before = [[t.clone() for t in lst] for lst in lists]
+    if bad.startswith("sparse") and op_name != "reference":  # torch's dispatcher has no sparse kernel to call
+        with pytest.raises(NotImplementedError, match=f"Could not run 'fused_opt::{op_name}' with arguments from the "
+                                                      "'SparseCPU' backend"):
+            _call_adam(op_name, lists, kwargs)
+    else:
+        with pytest.raises(RuntimeError) as error:
+            _call_adam(op_name, lists, kwargs)
+        name, message = str(error.value).split(": ", 1)
+        assert name in OP_NAMES[op_name] and message == str(words.value).split(": ", 1)[1]
+    for lst, saved in zip(lists, before):
         for t, s in zip(lst, saved):
-            assert t.is_meta or torch.equal(t, s)
+            assert t.is_meta or (torch.equal(t.to_dense(), s.to_dense()) and t.layout == s.layout)
+
+
+@pytest.mark.parametrize("op_name,checks", CHECKED_OPS)
+@pytest.mark.parametrize("family", ["adam", "rmsprop", "sgd"])
+def test_a_call_without_params_does_nothing(family, op_name, checks, monkeypatch):
+    if checks == "python":
+        monkeypatch.setattr(fused_opt.checks, "_compiled", lambda: False)
+    if op_name.startswith("triton"):
+        assert fused_opt.ops.triton_reason() is None
+    op = (getattr(fused_opt.reference, f"{family}_") if op_name == "reference"
+          else getattr(torch.ops.fused_opt, op_name.replace("adam", family)))
+    steps = [] if family == "sgd" else [[]]
+    options = {"adam": dict(beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=False, decoupled_weight_decay=False),
+               "rmsprop": dict(alpha=0.99, eps=1e-8, momentum=0.0, centered=False),
+               "sgd": dict(momentum=0.0, dampening=0.0, nesterov=False, first_step=False)}[family]
+    grad_scale = torch.ones(())
+    op([], [], *[[] for _ in fused_opt.checks.STATE_LISTS[family]], [], *steps, lr=0.1, weight_decay=0.0,
+       maximize=False, l1=0.0, l1_proximal=False, grad_scale=grad_scale, **options)
+    assert torch.equal(grad_scale, torch.ones(()))
 
 
 AMP_BACKENDS = ["cpu", "reference", "cuda_sim",
@@ -343,16 +421,18 @@ def test_a_refused_step_names_the_param():
 
 
 @pytest.mark.parametrize("backend,device", STATE_BACKENDS)
-def test_sgd_refusing_a_param_with_a_fresh_buffer_leaves_the_others_untouched(backend, device):
+@pytest.mark.parametrize("shared_shape", [(4,), (2, 2)], ids=["all-one-element", "rows-one-row"])
+def test_sgd_refusing_a_param_with_a_fresh_buffer_leaves_the_others_untouched(shared_shape, backend, device):
     # SGD steps params with momentum buffers and those getting their first in two kernel calls; the
     # second is checked before the first writes.
     stepped = torch.ones(4, device=device, requires_grad=True)
-    shared = torch.zeros((), device=device).expand(4).requires_grad_()  # a stride of 0: cannot be updated in place
+    # a stride of 0 (along every dimension, or along the 2 rows only): cannot be updated in place
+    shared = torch.zeros(shared_shape[1:], device=device).expand(shared_shape).requires_grad_()
     opt = fused_opt.SGD([stepped, shared], lr=0.1, momentum=0.9, backend=backend)
     stepped.grad = torch.ones(4, device=device)
     opt.step()
     before = stepped.detach().clone(), opt.state[stepped]["momentum_buffer"].clone()
-    stepped.grad, shared.grad = torch.ones(4, device=device), torch.ones(4, device=device)
+    stepped.grad, shared.grad = torch.ones(4, device=device), torch.ones(shared_shape, device=device)
     with pytest.raises(RuntimeError, match=re.escape("fused_opt.SGD: param_groups[0]['params'][1] has elements that "
                                                      "are one memory location")):
         opt.step()
@@ -394,7 +474,55 @@ def test_functional_check_only_raises_what_the_step_would_and_writes_nothing(fam
     with pytest.raises(RuntimeError) as check_error:
         fn(*lists, **kwargs, backend=backend, check_only=True)
     # the same words (the functional layer names the lists by its own argument names)
-    assert "[0] has shape [5]" in str(check_error.value)
+    assert "[0] has shape (5,)" in str(check_error.value)
     assert str(check_error.value).split("[0]")[1] == str(step_error.value).split("[0]")[1]
     for lst, saved in zip(lists, before):
         assert all(t is s is None or torch.equal(t, s) for t, s in zip(lst, saved))
+
+
+def _adam_call(n=2, dtype=torch.float32):
+    """fused_opt.functional.adam's arguments for n params (lists, keyword arguments)."""
+    torch.manual_seed(0)
+    params = [torch.randn(6, dtype=dtype) for _ in range(n)]
+    lists = dict(params=params, grads=[torch.randn_like(p) for p in params],
+                 exp_avgs=[torch.zeros(6, dtype=dtype) for _ in params],
+                 exp_avg_sqs=[torch.zeros(6, dtype=dtype) for _ in params], max_exp_avg_sqs=[],
+                 state_steps=[torch.tensor(0.0) for _ in params])
+    return lists, dict(amsgrad=False, beta1=0.9, beta2=0.99, lr=0.1, weight_decay=0.0, eps=1e-8, maximize=False)
+
+
+FUNCTIONAL_MISTAKES = {
+    "short_grads": (lambda lists, kw: lists["grads"].pop(), ValueError,
+                    "fused_opt.functional.adam: expected 2 tensors in grads, got 1"),
+    "short_state": (lambda lists, kw: lists["exp_avgs"].pop(), ValueError,
+                    "fused_opt.functional.adam: expected 2 tensors in exp_avgs, got 1"),
+    # without amsgrad its list may be empty, but not of another length
+    "short_unused_list": (lambda lists, kw: lists.update(max_exp_avg_sqs=[torch.zeros(6)]), ValueError,
+                          "fused_opt.functional.adam: expected 2 tensors in max_exp_avg_sqs, got 1"),
+    "two_element_lr": (lambda lists, kw: kw.update(lr=torch.ones(2)), ValueError, "Tensor lr must be 1-element"),
+    "two_element_weight_decay": (lambda lists, kw: kw.update(weight_decay=torch.ones(2)), ValueError,
+                                 "Tensor weight_decay must be 1-element"),
+    "unknown_l1_mode": (lambda lists, kw: kw.update(l1=0.1, l1_mode="lasso"), ValueError,
+                        "Invalid l1_mode: 'lasso'; expected 'subgradient' or 'proximal'"),
+    # (a step says it in the op's name)
+    "two_element_grad_scale": (lambda lists, kw: kw.update(grad_scale=torch.ones(2)), RuntimeError,
+                               "grad_scale must be a one-element tensor"),
+    "master_for_one_param_of_two": (
+        lambda lists, kw: kw.update(master_params=[lists["params"][0].float(), None]), ValueError,
+        "fused_opt: master_params must hold a tensor for every 16-bit param of a (device, dtype) group, or none"),
+}
+
+
+@pytest.mark.parametrize("check_only", [False, True], ids=["step", "check_only"])
+@pytest.mark.parametrize("mistake", FUNCTIONAL_MISTAKES)
+def test_functional_refuses_bad_arguments_and_writes_nothing(mistake, check_only):
+    lists, kwargs = _adam_call(dtype=torch.bfloat16 if mistake.startswith("master") else torch.float32)
+    make, error, message = FUNCTIONAL_MISTAKES[mistake]
+    if mistake.startswith("master"):  # float32 states for bfloat16 params with master weights
+        lists.update(exp_avgs=[t.float() for t in lists["exp_avgs"]], exp_avg_sqs=[t.float() for t in lists["exp_avg_sqs"]])
+    make(lists, kwargs)
+    before = {k: [t.clone() for t in v] for k, v in lists.items()}
+    with pytest.raises(error, match=re.escape(message)):
+        fused_opt.functional.adam(**lists, **kwargs, check_only=check_only)
+    for k, saved in before.items():
+        assert all(torch.equal(t, s) for t, s in zip(lists[k], saved)), k

@@ -178,3 +178,56 @@ def test_non_finite_and_overflowing_values_land_where_the_reference_puts_them(na
             assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0)), \
                 f"{oracle}: {b.tolist()}, ours: {a.tolist()}"
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)
+
+
+
+def _odd_layouts(seed: int, contiguous: bool = False) -> list[tuple[torch.Tensor, object]]:
+    """(param, how its step-s grad is made): memory layouts a user can hand an optimizer, or
+    (contiguous) the same values laid out plainly."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(2, 11, generator=g)
+    odd = [
+        # a slice of a wider tensor (rows apart in memory: not dense), its grads sliced alike
+        (wide[:, :7], lambda s: torch.randn(2, 11, generator=torch.Generator().manual_seed(s))[:, :7]),
+        # a transposed param whose grad is as autograd's grad of p.sum(): one memory location for every element
+        (torch.randn(5, 3, generator=g).t(), lambda s: torch.full((), 0.5 + s).expand(3, 5)),
+    ]
+    if contiguous:
+        return [(p.contiguous().requires_grad_(), lambda s, grad=grad: grad(s).contiguous()) for p, grad in odd]
+    return [(p.requires_grad_(), grad) for p, grad in odd]
+
+
+@pytest.mark.parametrize("backend,checks", [("cpu", "c++"), ("cuda_sim", "c++"), ("reference", "c++"),
+                                            ("reference", "python"), pytest.param("triton", "c++", marks=INTERPRETER),
+                                            pytest.param("triton", "python", marks=INTERPRETER)])
+@pytest.mark.parametrize("algo,kwargs", [("Adam", {"amsgrad": True}), ("RMSprop", {"momentum": 0.9, "centered": True}),
+                                         ("SGD", {}), ("SGD", {"momentum": 0.9, "nesterov": True})], ids=str)
+def test_params_and_grads_of_odd_layouts_step_as_plain_ones(algo, kwargs, backend, checks, monkeypatch):
+    """checks: those of checks.py made by the CPU extension, or in Python (as where it is not built).
+    Each param stays where it lives (a view into the wider tensor is updated in place, its gaps
+    untouched) and ends, with every state tensor, with the bits of the same values laid out plainly
+    (and close to torch.optim's, which contracts some multiply-adds into FMAs on this CPU)."""
+    if checks == "python":
+        monkeypatch.setattr(fused_opt.checks, "_compiled", lambda: False)
+    ours, plain, theirs = _odd_layouts(0), _odd_layouts(0, contiguous=True), _odd_layouts(0)
+    opt = getattr(fused_opt, algo)([p for p, _ in ours], lr=0.05, backend=backend, **kwargs)
+    # (the reference is torch's ops, not the kernels' IEEE square roots: its own twin)
+    twin = getattr(fused_opt, algo)([p for p, _ in plain], lr=0.05, backend="reference" if backend == "reference"
+                                    else "cpu", **kwargs)
+    yard = getattr(torch.optim, algo)([p for p, _ in theirs], lr=0.05, foreach=False, **kwargs)
+    wide, gaps = ours[0][0]._base, ours[0][0]._base[:, 7:].clone()
+    where = [(p.data_ptr(), p.stride()) for p, _ in ours]
+    for step in range(3):
+        for run in (ours, plain, theirs):
+            for p, grad in run:
+                p.grad = grad(step)
+        for o in (opt, twin, yard):
+            o.step()
+        for (p, _), (q, _), (r, _) in zip(ours, plain, theirs):
+            named = [("param", p), *sorted(opt.state[p].items())]
+            assert_same_bits([(k, v.contiguous()) for k, v in named],
+                             [("param", q), *sorted(twin.state[q].items())], f"{algo} step {step}")
+            for (k, x), (_, y) in zip(named, [("param", r), *sorted(yard.state[r].items())]):
+                torch.testing.assert_close(x, y, msg=lambda m: f"{algo} step {step} {k} vs torch.optim: {m}")
+    assert [(p.data_ptr(), p.stride()) for p, _ in ours] == where
+    assert torch.equal(wide[:, 7:], gaps) and torch.equal(wide[:, :7], ours[0][0])

@@ -8,6 +8,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 
 namespace fused_opt {
 
@@ -29,6 +30,46 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// What the messages name, spelt as Python prints it (torch.float32, (2, 5), torch.sparse_coo): a
+// refusal reads the same from these checks and from fused_opt/checks.py's.
+inline std::string python_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline std::string python_name(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    default: return "torch." + c10::str(layout);
+  }
+}
+
+// A shape or strides as Python's tuple: (), (5,), (2, 5).
+inline std::string python_name(at::IntArrayRef values) {
+  std::string out = "(";
+  for (size_t d = 0; d < values.size(); ++d) out += (d ? ", " : "") + std::to_string(values[d]);
+  return out + (values.size() == 1 ? ",)" : ")");
+}
+
 inline bool is_half_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 // `dtype`: what t must hold -- its param's dtype, or float32 for the master copies and states of
@@ -36,17 +77,20 @@ inline bool is_half_precision(at::ScalarType t) { return t == at::kHalf || t == 
 inline void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p,
                              at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] must be a dense tensor, got layout ", t.layout());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] must be a dense tensor, got layout ",
+              python_name(t.layout()));
   TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but its param is on ", p.device());
   if (dtype == p.scalar_type()) {
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-                " but its param has dtype ", p.scalar_type());
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", python_name(t.scalar_type()),
+                " but its param has dtype ", python_name(p.scalar_type()));
   } else {
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(), " but must be ",
-                dtype, " (its param is ", p.scalar_type(), " with float32 master weights)");
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", python_name(t.scalar_type()),
+                " but must be ", python_name(dtype), " (its param is ", python_name(p.scalar_type()),
+                " with float32 master weights)");
   }
-  TORCH_CHECK(same_layout(t, p), op, ": ", name, "[", i, "] has shape ", t.sizes(), " and strides ", t.strides(),
-              " but its param has shape ", p.sizes(), " and strides ", p.strides());
+  TORCH_CHECK(same_layout(t, p), op, ": ", name, "[", i, "] has shape ", python_name(t.sizes()), " and strides ",
+              python_name(t.strides()), " but its param has shape ", python_name(p.sizes()), " and strides ",
+              python_name(p.strides()));
 }
 
 // Checks list lengths, then each param (one device and dtype for the whole call, dense memory)
@@ -69,19 +113,21 @@ inline void check_group(const char* op, at::TensorList params, at::TensorList gr
   TORCH_CHECK(first.defined(), op, ": params[0] is undefined");
   const auto dtype = first.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": params must be float32, float64, float16 or bfloat16, got ", dtype);
+              ": params must be float32, float64, float16 or bfloat16, got ", python_name(dtype));
   TORCH_CHECK(masters.empty() || is_half_precision(dtype), op, ": master_params are for float16 and bfloat16 params; params are ",
-              dtype, " (pass an empty list)");
+              python_name(dtype), " (pass an empty list)");
   const auto state_dtype = masters.empty() ? dtype : at::kFloat;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
-    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] must be a dense tensor, got layout ", p.layout());
-    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == dtype, op, ": params[", i, "] is ", p.scalar_type(),
-                " on ", p.device(), " but params[0] is ", dtype, " on ", first.device(),
-                "; call once per (device, dtype) group");
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] must be a dense tensor, got layout ",
+                python_name(p.layout()));
+    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == dtype, op, ": params[", i, "] is ",
+                python_name(p.scalar_type()), " on ", p.device(), " but params[0] is ", python_name(dtype), " on ",
+                first.device(), "; call once per (device, dtype) group");
     TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
-                "] must be non-overlapping and dense (e.g. contiguous); got strides ", p.strides());
+                "] must be non-overlapping and dense (e.g. contiguous); got strides ",
+                python_name(p.strides()));
     check_like_param(op, "grads", i, grads[i], p, dtype);
     for (const NamedList& s : states) {
       if (s.used) check_like_param(op, s.name, i, s.tensors[i], p, state_dtype);
