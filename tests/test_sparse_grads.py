@@ -116,8 +116,9 @@ def test_grad_scaler_unscales_inside_the_step_and_skips_like_torch(backend, dtyp
     assert scalers[0].get_scale() < 3.7 * 2**6 * 2  # the inf step halved it
 
 
+@pytest.mark.parametrize("option", [dict(nesterov=True), dict(dampening=0.3)])
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
-def test_16_bit_params_against_torch_in_float32(dtype):
+def test_16_bit_params_against_torch_in_float32(dtype, option):
     """bfloat16 with master weights: the float32 copy follows torch's float32 run bit for bit, and
     the param is the copy rounded. float16 without: torch's CPU kernels cannot add two sparse
     float16 tensors (its SGD raises mid-step); fused_opt adds them in float32 and rounds, close to
@@ -126,8 +127,8 @@ def test_16_bit_params_against_torch_in_float32(dtype):
     master = dtype == torch.bfloat16
     ours = make_params(dtype)[:1]
     theirs = [ours[0].detach().float().requires_grad_()]
-    our_opt = fused_opt.SGD(ours, lr=0.1, momentum=0.9, nesterov=True, master_weights=master)
-    their_opt = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True)
+    our_opt = fused_opt.SGD(ours, lr=0.1, momentum=0.9, master_weights=master, **option)
+    their_opt = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, **option)
     for step in range(STEPS):
         ours[0].grad = sparse_grad(step, dtype)
         theirs[0].grad = ours[0].grad.float()
@@ -136,7 +137,8 @@ def test_16_bit_params_against_torch_in_float32(dtype):
         if master:
             assert_like_torch(ours[0], our_opt, theirs[0], their_opt, f"step {step}", master=True)
             assert_same_bits([("param", ours[0])], [("param", theirs[0].to(dtype))], f"step {step}")
-    assert our_opt.state[ours[0]]["momentum_buffer"].dtype == (torch.float32 if master else dtype)
+    buffer = our_opt.state[ours[0]]["momentum_buffer"]
+    assert buffer.dtype == (torch.float32 if master else dtype) and buffer.is_sparse
     torch.testing.assert_close(ours[0].float(), theirs[0], rtol=0, atol=3e-3 if dtype == torch.float16 else 3e-2)
 
 
@@ -183,6 +185,42 @@ def test_a_sparse_momentum_buffer_goes_dense_when_its_param_gets_dense_grads():
         assert_same_bits([("param", ours[0])], [("param", theirs[0])], f"step {step}")
     assert our_opt.state[ours[0]]["momentum_buffer"].layout == torch.strided
 
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_dense_momentum_buffer_takes_sparse_grads(nesterov):
+    """The other way round (sparse=True switched on mid-run): the dense buffer takes the sparse
+    grad's rows and stays dense. torch.optim.SGD, from the same state, gives the same bits; with
+    Nesterov it raises (it cannot add a dense buffer to a sparse grad), so it is handed the grads
+    made dense, and the sum of a repeated row rounds otherwise."""
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.1 * (not nesterov), nesterov=nesterov)
+    ours = make_params(torch.float32)[:1]
+    our_opt = fused_opt.SGD(ours, **kwargs)
+    for step in range(2):
+        ours[0].grad = sparse_grad(step, torch.float32).to_dense()
+        our_opt.step()
+    theirs = [ours[0].detach().clone().requires_grad_()]
+    their_opt = torch.optim.SGD(theirs, **kwargs)
+    their_opt.state[theirs[0]]["momentum_buffer"] = our_opt.state[ours[0]]["momentum_buffer"].clone()
+    for step in range(2, 2 + STEPS):
+        ours[0].grad = sparse_grad(step, torch.float32)
+        theirs[0].grad = ours[0].grad.to_dense() if nesterov else ours[0].grad
+        our_opt.step()
+        their_opt.step()
+        assert our_opt.state[ours[0]]["momentum_buffer"].layout == torch.strided
+        assert_like_torch(ours[0], our_opt, theirs[0], their_opt, f"step {step}", exact=not nesterov)
+
+
+def test_a_zero_weight_decay_tensor_takes_sparse_grads():
+    """weight_decay=torch.tensor(0.0) is no weight decay: the step goes as with 0.0."""
+    runs = [make_params(torch.float32)[:1] for _ in range(2)]
+    opts = [fused_opt.SGD(params, lr=0.1, momentum=0.9, weight_decay=wd)
+            for params, wd in zip(runs, (torch.tensor(0.0), 0.0))]
+    for step in range(STEPS):
+        for params, opt in zip(runs, opts):
+            params[0].grad = sparse_grad(step, torch.float32)
+            opt.step()
+        assert_like_torch(runs[0][0], opts[0], runs[1][0], opts[1], f"step {step}")
 
 @pytest.mark.parametrize("option", [{"weight_decay": 0.1}, {"weight_decay": torch.tensor(0.1)}, {"l1": 0.01}])
 def test_weight_decay_or_l1_with_a_sparse_grad_is_refused_before_anything_changes(option):
@@ -232,25 +270,74 @@ def test_skip_nonfinite_sees_a_nan_in_a_sparse_grad():
         assert torch.equal(opt.state[p]["momentum_buffer"].to_dense(), buf)
 
 
-@pytest.mark.parametrize("broken", ["shape", "dtype"])
-def test_a_momentum_buffer_that_does_not_fit_is_refused_naming_its_param(broken):
-    params = make_params(torch.float32)
-    opt = fused_opt.SGD(params, lr=0.1, momentum=0.9)
+# A state tensor of the sparse-grad param replaced by one that does not fit: (state key, how, message).
+MISFITS = {
+    "buffer-shape": ("momentum_buffer", lambda b: torch.sparse_coo_tensor(b._indices(), b._values()[:, :-1],
+                                                                         (ROWS, COLS - 1), check_invariants=True),
+                     rf"the momentum buffer of {{0}} has shape \({ROWS}, {COLS - 1}\) on cpu but its param has shape "
+                     rf"\({ROWS}, {COLS}\)"),
+    "buffer-dtype": ("momentum_buffer", lambda b: b.double(),
+                     r"the momentum buffer of {0} has dtype torch.float64 but must be torch.float32 \(its param is "
+                     r"torch.float32\)"),
+    "buffer-layout": ("momentum_buffer", lambda b: b.to_dense().to_sparse_csr(),
+                      r"the momentum buffer of {0} must be a dense or sparse COO tensor, got layout torch.sparse_csr"),
+    "master-shape": (MASTER_KEY, lambda m: m[:, :-1].clone(),
+                     rf"the master copy of {{0}} has shape \({ROWS}, {COLS - 1}\) but its param has shape "
+                     rf"\({ROWS}, {COLS}\)"),
+    "master-dtype": (MASTER_KEY, lambda m: m.double(),
+                     r"the master copy of {0} has dtype torch.float64 but must be torch.float32 \(its param is "
+                     r"torch.bfloat16 with float32 master weights\)"),
+    "master-layout": (MASTER_KEY, lambda m: m.to_sparse(),
+                      r"the master copy of {0} must be a dense tensor, got layout torch.sparse_coo"),
+}
+
+
+@pytest.mark.parametrize("misfit", MISFITS)
+def test_a_state_tensor_that_does_not_fit_is_refused_naming_its_param(misfit):
+    key, make, message = MISFITS[misfit]
+    master = key == MASTER_KEY
+    params = make_params(torch.bfloat16 if master else torch.float32)
+    opt = fused_opt.SGD(params, lr=0.1, momentum=0.9, master_weights=master)
     for step in range(2):
-        params[0].grad, params[1].grad = sparse_grad(step, torch.float32), dense_grad(step, torch.float32)
+        params[0].grad, params[1].grad = sparse_grad(step, params[0].dtype), dense_grad(step, params[0].dtype)
         opt.step()
-    buf = opt.state[params[0]]["momentum_buffer"]
-    opt.state[params[0]]["momentum_buffer"] = (
-        torch.sparse_coo_tensor(buf._indices(), buf._values()[:, :-1], (ROWS, COLS - 1), check_invariants=True)
-        if broken == "shape" else buf.double())
-    before = [p.detach().clone() for p in params], opt.state[params[1]]["momentum_buffer"].clone()
-    message = (rf"has shape \({ROWS}, {COLS - 1}\) on cpu but its param has shape \({ROWS}, {COLS}\)"
-               if broken == "shape" else r"has dtype torch.float64 but must be torch.float32")
-    with pytest.raises(RuntimeError, match=r"fused_opt\.SGD: the momentum buffer of param_groups\[0\]\['params'\]"
-                                           r"\[0\] " + message):
+    opt.state[params[0]][key] = make(opt.state[params[0]][key])
+    before = [p.detach().clone() for p in params], {k: v.clone() for k, v in opt.state[params[1]].items()}
+    with pytest.raises(RuntimeError, match=r"fused_opt\.SGD: " + message.format(r"param_groups\[0\]\['params'\]\[0\]")):
         opt.step()
     assert all(torch.equal(p, saved) for p, saved in zip(params, before[0]))
-    assert torch.equal(opt.state[params[1]]["momentum_buffer"], before[1])
+    assert all(torch.equal(opt.state[params[1]][k], v) for k, v in before[1].items())
+
+
+def test_a_master_copy_with_other_strides_steps_as_a_contiguous_one():
+    """(One loaded from a checkpoint saved from a model in another memory format, say.) The sparse
+    update takes any layout. torch adds a sparse tensor's repeated rows to a non-contiguous dense one
+    after summing them (coalesced), to a contiguous one a row at a time: an ulp apart at times."""
+    runs = [make_params(torch.bfloat16)[:1] for _ in range(2)]
+    opts = [fused_opt.SGD(params, lr=0.1, momentum=0.9, master_weights=True) for params in runs]
+    for step in range(STEPS):
+        for params, opt in zip(runs, opts):
+            params[0].grad = sparse_grad(step, torch.bfloat16)
+            opt.step()
+        if step == 0:
+            master = opts[0].state[runs[0][0]][MASTER_KEY]
+            opts[0].state[runs[0][0]][MASTER_KEY] = master.t().contiguous().t()
+        ours, twins = ([(k, opt.state[params[0]][k].to_dense()) for k in ("momentum_buffer", MASTER_KEY)]
+                       for params, opt in zip(runs, opts))
+        assert_close(ours, twins, f"step {step}")
+    assert opts[0].state[runs[0][0]][MASTER_KEY].stride() == (1, ROWS)
+
+
+def test_a_sparse_param_is_refused():
+    """torch.optim.SGD adds a sparse grad to a sparse param; the fused update is for dense params."""
+    p = torch.randn(ROWS, COLS).to_sparse().requires_grad_()
+    before = p.detach().clone()
+    opt = fused_opt.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = sparse_grad(0, torch.float32)
+    with pytest.raises(RuntimeError, match=r"fused_opt\.SGD: param_groups\[0\]\['params'\]\[0\] must be a dense "
+                                           r"tensor, got layout torch.sparse_coo"):
+        opt.step()
+    assert torch.equal(p.detach().to_dense(), before.to_dense()) and not opt.state[p]
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "f32", "f64"])

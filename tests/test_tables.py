@@ -6,6 +6,7 @@ follow the same trajectory, params and every state tensor."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -526,6 +527,49 @@ def test_a_bad_grad_still_gets_the_ops_error_and_changes_nothing():
         assert torch.equal(p, b)
         assert all(torch.equal(pair.opt.state[p][k], v) for k, v in s.items())
 
+
+# A scalar of the step given as a tensor of two elements, after steps from a table.
+TWO_ELEMENT_SCALARS = {
+    "grad_scale": (lambda opt: setattr(opt, "grad_scale", torch.ones(2)), RuntimeError, "grad_scale must be a one-element tensor"),
+    "found_inf": (lambda opt: setattr(opt, "found_inf", torch.zeros(2)), RuntimeError, "found_inf must be a one-element tensor"),
+    "lr": (lambda opt: opt.param_groups[0].update(lr=torch.full((2,), 0.01)), ValueError, "Tensor lr must be 1-element"),
+}
+
+
+@pytest.mark.parametrize("scalar", TWO_ELEMENT_SCALARS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scalar_of_two_elements_still_gets_the_ops_error_and_changes_nothing(scalar, backend):
+    set_scalar, error, message = TWO_ELEMENT_SCALARS[scalar]
+    pair = Pair("adam", shapes=[(3,), (5,)], backend=backend)
+    pair.step()
+    pair.step()
+    assert pair.fast_steps == 1
+    before = [p.detach().clone() for p in pair.ours]
+    state = [{k: v.clone() for k, v in pair.opt.state[p].items()} for p in pair.ours]
+    set_scalar(pair.opt)
+    with pytest.raises(error, match=message):
+        pair.opt.step()
+    for p, b, s in zip(pair.ours, before, state):
+        assert torch.equal(p, b)
+        assert all(torch.equal(pair.opt.state[p][k], v) for k, v in s.items())
+
+def test_a_step_that_raises_lets_go_of_the_grads_a_table_checked():
+    """A CPU table holds the step's grads from its checks until it runs; when a later group raises,
+    it lets go of them (else they would live until the next step)."""
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = fused_opt.Adam([{"params": params[:1]}, {"params": params[1:]}])
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._tables.fast_steps == 2
+    params[0].grad, params[1].grad = torch.randn(5), torch.randn(3).to_sparse()
+    held = weakref.ref(params[0].grad)
+    with pytest.raises(RuntimeError, match="does not support sparse gradients") as raised:
+        opt.step()
+    del raised  # (its traceback's frames hold the step's lists)
+    params[0].grad = None
+    assert held() is None
 
 def test_add_param_group_and_a_second_group():
     pair = Pair("adam")
