@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -128,6 +129,18 @@ def _select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     return _CHOICES[key]
 
 
+_OURS_AND_TORCHS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _callers_level() -> int:
+    """The stacklevel of warnings.warn, called from the function that calls this, that names the
+    first frame outside fused_opt and torch: the user's line (a constructor, a step, a call)."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OURS_AND_TORCHS):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "auto":
         candidates = [b for b in BACKENDS if device.type in (b.device_types if b.auto_devices is None
@@ -141,7 +154,8 @@ def _choose(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
             if name == "auto" and backend.name == "reference" and device.type in ("cpu", "cuda"):
                 compiled = "cpu" if device.type == "cpu" else "cuda"
                 warnings.warn(f"fused_opt: using the slow pure-PyTorch reference for {device.type} {dtype} params: "
-                              f"{_BY_NAME[compiled].reason(device, dtype)}", RuntimeWarning, stacklevel=4)
+                              f"{_BY_NAME[compiled].reason(device, dtype)}", RuntimeWarning,
+                              stacklevel=_callers_level())
             return backend
         reasons[backend.name] = why
     if name != "auto":  # say what every backend would have done, to help pick another

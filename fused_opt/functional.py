@@ -181,6 +181,16 @@ def _l1_kwargs(l1: float, l1_mode: str) -> dict:
     return {"l1": float(l1), "l1_proximal": l1_mode == "proximal"}
 
 
+def _check_torch_flags(family: str, differentiable: bool) -> None:
+    """torch.optim's functional calls take flags that pick one of its implementations (foreach,
+    fused, capturable, has_complex, has_sparse_grad): they are taken and change nothing here, where
+    one fused call does it all (and a GPU step is capturable as it is). differentiable=True is
+    refused, as by the optimizers."""
+    if differentiable:
+        raise RuntimeError(f"fused_opt.functional.{family} does not support differentiable=True: its kernels update "
+                           "params in place, outside autograd; use torch.optim for that")
+
+
 # What a kernel may raise once its checks have passed, having possibly written something: the
 # slow path's retry would apply the step twice to what was written.
 _FAILED_AFTER_CHECKS = (torch.OutOfMemoryError, torch.AcceleratorError)
@@ -259,14 +269,16 @@ def _check_call(family: str, names, lists, mutable, backend: str) -> None:
 
 
 def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-         max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, amsgrad: bool, beta1: float, beta2: float,
-         lr: float | Tensor, weight_decay: float | Tensor, eps: float, maximize: bool,
-         decoupled_weight_decay: bool = False, l1: float = 0.0, l1_mode: str = "subgradient",
-         grad_scale: Tensor | None = None, found_inf: Tensor | None = None, backend: str = "auto",
-         master_params: list[Tensor | None] | None = None, check_only: bool = False) -> None:
-    """Adam/AdamW step on lists of tensors (torch.optim.adam.adam's arguments, plus L1, backend and
-    master_params: float32 master copies of 16-bit params, None for a param without one).
+         max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], foreach: bool | None = None,
+         capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+         grad_scale: Tensor | None = None, found_inf: Tensor | None = None, has_complex: bool = False,
+         decoupled_weight_decay: bool = False, *, amsgrad: bool, beta1: float, beta2: float, lr: float | Tensor,
+         weight_decay: float | Tensor, eps: float, maximize: bool, l1: float = 0.0, l1_mode: str = "subgradient",
+         backend: str = "auto", master_params: list[Tensor | None] | None = None, check_only: bool = False) -> None:
+    """Adam/AdamW step on lists of tensors (torch.optim.adam.adam's arguments, in its order, plus L1,
+    backend and master_params: float32 master copies of 16-bit params, None for a param without one).
     check_only=True raises what the step would refuse, and writes nothing."""
+    _check_torch_flags("adam", differentiable)
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps")
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params or [], state_steps)
     _check_lengths("adam", names, lists, (True, True, True, True, amsgrad, False, True))
@@ -278,12 +290,15 @@ def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
 
 
 def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
-            momentum_buffer_list: list[Tensor], state_steps: list[Tensor], *, lr: float | Tensor, alpha: float,
-            eps: float, weight_decay: float | Tensor, momentum: float, centered: bool, maximize: bool, l1: float = 0.0,
-            l1_mode: str = "subgradient", grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-            backend: str = "auto", master_params: list[Tensor | None] | None = None, check_only: bool = False) -> None:
-    """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, plus L1, backend,
-    master_params and check_only as in `adam`)."""
+            momentum_buffer_list: list[Tensor], state_steps: list[Tensor], foreach: bool | None = None,
+            maximize: bool = False, differentiable: bool = False, capturable: bool = False, has_complex: bool = False,
+            *, lr: float | Tensor, alpha: float, eps: float, weight_decay: float | Tensor, momentum: float,
+            centered: bool, l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
+            found_inf: Tensor | None = None, backend: str = "auto", master_params: list[Tensor | None] | None = None,
+            check_only: bool = False) -> None:
+    """RMSprop step on lists of tensors (torch.optim.rmsprop.rmsprop's arguments, in its order, plus
+    L1, the AMP tensors, backend, master_params and check_only as in `adam`)."""
+    _check_torch_flags("rmsprop", differentiable)
     names = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffer_list", "master_params", "state_steps")
     lists = (params, grads, square_avgs, grad_avgs if centered else [],
              momentum_buffer_list if momentum > 0 else [], master_params or [], state_steps)
@@ -294,12 +309,13 @@ def rmsprop(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor]
          check_only)
 
 
-def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list[Tensor | None], *,
-        lr: float | Tensor, weight_decay: float | Tensor, momentum: float, dampening: float, nesterov: bool,
-        maximize: bool, l1: float = 0.0, l1_mode: str = "subgradient", grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None, backend: str = "auto",
-        master_params: list[Tensor | None] | None = None, check_only: bool = False) -> None:
-    """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, plus L1, backend,
+def sgd(params: list[Tensor], d_p_list: list[Tensor], momentum_buffer_list: list[Tensor | None],
+        has_sparse_grad: bool = False, foreach: bool | None = None, fused: bool | None = None,
+        grad_scale: Tensor | None = None, found_inf: Tensor | None = None, *, weight_decay: float | Tensor,
+        momentum: float, lr: float | Tensor, dampening: float, nesterov: bool, maximize: bool, l1: float = 0.0,
+        l1_mode: str = "subgradient", backend: str = "auto", master_params: list[Tensor | None] | None = None,
+        check_only: bool = False) -> None:
+    """SGD step on lists of tensors (torch.optim.sgd.sgd's arguments, in its order, plus L1, backend,
     master_params and check_only as in `adam`).
 
     As in torch, a None momentum buffer is created from the first gradient (float32 for a param

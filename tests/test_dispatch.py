@@ -11,9 +11,23 @@ import fused_opt
 from fused_opt import dispatch, ops
 
 
-def test_auto_picks_compiled_cpu_kernels():
-    assert dispatch.select("auto", torch.device("cpu"), torch.float32).name == "cpu"
-    assert dispatch.select("auto", torch.device("cpu"), torch.complex64).name == "cpu"
+def test_auto_picks_compiled_cpu_kernels_and_says_nothing():
+    dispatch.clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select("auto", torch.device("cpu"), torch.float32).name == "cpu"
+        assert dispatch.select("auto", torch.device("cpu"), torch.complex64).name == "cpu"
+        assert dispatch.select("reference", torch.device("cpu"), torch.float64).name == "reference"
+    backends = fused_opt.available_backends()
+    assert list(backends) == ["cuda", "cpu", "triton", "reference", "cuda_sim"]
+    assert backends["cpu"] is None and backends["reference"] is None
+    assert (backends["cuda"] is None) == (torch.cuda.is_available() and ops.load_extensions()["fused_opt._C_cuda"] is None)
+
+
+def test_a_backend_asked_for_a_dtype_it_does_not_take_says_so():
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot update torch.int64 params on cpu\. cpu: does not "
+                                           r"support dtype torch.int64; cuda: runs on cuda tensors, not cpu"):
+        dispatch.select("cpu", torch.device("cpu"), torch.int64)
 
 
 def test_environment_overrides_auto(monkeypatch):
@@ -23,6 +37,8 @@ def test_environment_overrides_auto(monkeypatch):
     monkeypatch.setenv("FUSED_OPT_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="Invalid backend: 'nonsense'"):
         dispatch.select("auto", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="Invalid backend: 'tpu'; expected one of auto, cuda, triton, cpu, reference"):
+        dispatch.select("tpu", torch.device("cpu"), torch.float32)
 
 
 def test_an_extension_that_fails_to_import_is_tried_once(monkeypatch):
@@ -41,7 +57,11 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(ops, "load_extensions", lambda: dict(ops.EXTENSIONS))
     dispatch.clear_cache()
     try:
-        with pytest.warns(RuntimeWarning, match="simulated.*pip install --no-build-isolation"):
+        with pytest.warns(RuntimeWarning, match="simulated.*pip install --no-build-isolation") as warned:
+            fused_opt.Adam([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
+        assert [w.filename for w in warned] == [__file__]  # it points at the user's line
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             assert dispatch.select("auto", torch.device("cpu"), torch.float64).name == "reference"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -111,6 +131,13 @@ def test_info_says_which_tensors_each_backend_takes(monkeypatch):
         assert info.report().count("triton     available for cuda tensors") == 1
 
 
+def _simulate_a_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
+    props = type("Props", (), {"name": name, "major": capability[0], "minor": capability[1]})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    dispatch.clear_cache()
+
+
 @pytest.mark.parametrize("gpu,capability,picked", [
     ("Tesla T4", (7, 5), "triton"),  # no code for sm_75 in the default build: auto takes Triton
     ("NVIDIA L4", (8, 9), "cuda"),  # sm_80 machine code runs there
@@ -125,10 +152,7 @@ def test_auto_takes_cuda_only_on_a_gpu_the_extension_has_code_for(monkeypatch, g
     built = ", ".join(map(str, fused_opt.fatbin.images(ops.cuda_module().__file__)))
     if built != "sm_80, sm_90, compute_90 (PTX)":  # the default FUSED_OPT_CUDA_ARCHS, which CI builds
         pytest.skip(f"the CUDA extension was built for other architectures ({built})")
-    props = type("Props", (), {"name": gpu, "major": capability[0], "minor": capability[1]})()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    dispatch.clear_cache()
+    _simulate_a_gpu(monkeypatch, gpu, capability)
     try:
         if picked == "reference":
             with pytest.warns(RuntimeWarning, match=r"slow pure-PyTorch reference .*not for this GPU \(Tesla P100"):
@@ -142,5 +166,47 @@ def test_auto_takes_cuda_only_on_a_gpu_the_extension_has_code_for(monkeypatch, g
             with pytest.raises(RuntimeError, match=r"holds code for sm_80, sm_90, compute_90 \(PTX\), not for this GPU \(Tesla T4, "
                                                    r"sm_75\); rebuild it for this GPU with: FUSED_OPT_CUDA_ARCHS=75"):
                 dispatch.select("cuda", torch.device("cuda"), torch.float32)
+    finally:
+        dispatch.clear_cache()
+
+
+def test_a_cuda_extension_whose_code_list_cannot_be_read_is_left_to_the_launch(monkeypatch):
+    """Not an ELF fatbin.py can read: auto takes the CUDA kernels, whose launch will say if they
+    cannot run."""
+    if ops.load_extensions()["fused_opt._C_cuda"] is not None:
+        pytest.skip("needs the CUDA extension built")
+
+    def unreadable(path):
+        raise ValueError(f"{path}: not an ELF file")
+
+    monkeypatch.setattr(fused_opt.fatbin, "images", unreadable)
+    monkeypatch.setattr(dispatch, "_CUDA_IMAGES", [])
+    _simulate_a_gpu(monkeypatch, "Tesla T4", (7, 5))
+    try:
+        assert dispatch.select("auto", torch.device("cuda"), torch.float32).name == "cuda"
+        assert dispatch._CUDA_IMAGES == [[]]  # read once
+    finally:
+        dispatch.clear_cache()
+
+
+def test_on_a_gpu_without_the_cuda_extension_auto_goes_on_and_cuda_says_why(monkeypatch):
+    monkeypatch.setitem(ops.EXTENSIONS, "fused_opt._C_cuda", "ImportError: simulated")
+    monkeypatch.setattr(ops, "load_extensions", lambda: dict(ops.EXTENSIONS))
+
+    def absent():
+        raise ImportError("simulated")
+
+    monkeypatch.setattr(ops, "cuda_module", absent)
+    monkeypatch.setattr(dispatch, "_CUDA_IMAGES", [])
+    _simulate_a_gpu(monkeypatch, "NVIDIA H200", (9, 0))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the reference's, where Triton is not installed)
+            picked = dispatch.select("auto", torch.device("cuda"), torch.float32).name
+        assert picked == ("triton" if ops.triton_reason() is None else "reference")
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot update torch.float32 params on cuda\. cuda: "
+                                               r"the compiled extension fused_opt._C_cuda is not available \(ImportError: "
+                                               r"simulated\); rebuild it with: pip install --no-build-isolation -v \."):
+            dispatch.select("cuda", torch.device("cuda"), torch.float32)
     finally:
         dispatch.clear_cache()

@@ -54,9 +54,10 @@ def test_unavailable_backend_lists_every_reason():
     with pytest.raises(RuntimeError) as e:
         fused_opt.SGD([torch.zeros(3, requires_grad=True)], backend="cuda")
     msg = str(e.value)
-    for name in ("cuda", "triton", "cpu", "reference"):
+    for name in ("cuda", "triton", "cpu", "reference", "cuda_sim"):
         assert f"{name}:" in msg
-    assert "runs on cuda tensors, not cpu" in msg
+    assert "cuda: runs on cuda tensors, not cpu" in msg
+    assert "; cpu: available;" in msg and "; reference: available;" in msg
 
 
 def test_sparse_gradients_and_differentiable_are_refused():
@@ -496,6 +497,9 @@ FUNCTIONAL_MISTAKES = {
                     "fused_opt.functional.adam: expected 2 tensors in grads, got 1"),
     "short_state": (lambda lists, kw: lists["exp_avgs"].pop(), ValueError,
                     "fused_opt.functional.adam: expected 2 tensors in exp_avgs, got 1"),
+    **{f"no_{name}": (lambda lists, kw, name=name: lists[name].clear(), ValueError,
+                      f"fused_opt.functional.adam: expected 2 tensors in {name}, got 0")
+       for name in ("grads", "exp_avgs", "exp_avg_sqs", "state_steps")},  # (only an unused list may be empty)
     # without amsgrad its list may be empty, but not of another length
     "short_unused_list": (lambda lists, kw: lists.update(max_exp_avg_sqs=[torch.zeros(6)]), ValueError,
                           "fused_opt.functional.adam: expected 2 tensors in max_exp_avg_sqs, got 1"),
