@@ -97,3 +97,44 @@ def test_differentiable_is_refused_before_anything_changes(family):
         getattr(fused_opt.functional, family)(params, [torch.ones(3, dtype=torch.float64)], *lists,
                                               differentiable=True, **required)
     assert torch.equal(params[0], before) and all(t is None or not t.any() for lst in lists for t in lst)
+
+
+# A variant of each family that uses every list it has.
+EVERY_LIST = {"adam": "amsgrad-l2", "rmsprop": "centered-momentum", "sgd": "momentum-l2"}
+
+
+@pytest.mark.parametrize("length", [0, 1])
+@pytest.mark.parametrize("family", CALLS)
+def test_a_list_of_another_length_is_refused_before_anything_changes(family, length):
+    """Each list after params (the grads, each state list) in turn, emptied or cut short."""
+    _, required, variants = CALLS[family]
+    kwargs = {**required, **variants[EVERY_LIST[family]]}
+    names = list(inspect.signature(getattr(fused_opt.functional, family)).parameters)
+    for k in range(1, 2 + len(_lists(family, [], kwargs))):
+        params = [torch.randn(3, dtype=torch.float64) for _ in range(2)]
+        lists = [[torch.ones(3, dtype=torch.float64) for _ in params]] + _lists(family, params, kwargs)
+        del lists[k - 1][length:]
+        before = [[None if t is None else t.clone() for t in lst] for lst in [params] + lists]
+        with pytest.raises(ValueError, match=rf"fused_opt\.functional\.{family}: expected 2 tensors in {names[k]}, "
+                                             rf"got {length}"):
+            getattr(fused_opt.functional, family)(params, *lists, **kwargs)
+        for lst, saved in zip([params] + lists, before):
+            assert all(t is s is None or torch.equal(t, s) for t, s in zip(lst, saved)), names[k]
+
+
+@pytest.mark.parametrize("check_only", [False, True], ids=["step", "check_only"])
+@pytest.mark.parametrize("scalar,error,message", [
+    ("lr", ValueError, "Tensor lr must be 1-element"),
+    ("grad_scale", RuntimeError, "grad_scale must be a one-element tensor"),
+    ("found_inf", RuntimeError, "found_inf must be a one-element tensor"),
+])
+@pytest.mark.parametrize("family", CALLS)
+def test_a_scalar_tensor_of_two_elements_is_refused(family, scalar, error, message, check_only):
+    _, required, variants = CALLS[family]
+    kwargs = {**required, **variants[EVERY_LIST[family]], scalar: torch.ones(2, dtype=torch.float32)}
+    params = [torch.randn(3, dtype=torch.float64)]
+    lists = [[torch.ones(3, dtype=torch.float64)]] + _lists(family, params, kwargs)
+    before = params[0].clone()
+    with pytest.raises(error, match=message):
+        getattr(fused_opt.functional, family)(params, *lists, **kwargs, check_only=check_only)
+    assert torch.equal(params[0], before)
