@@ -372,3 +372,20 @@ def test_an_embedding_trains_as_with_torch_sgd():
     assert opts[0].state[models[0][0].weight]["momentum_buffer"].is_sparse
     for ours, theirs in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scalar,error,message", [
+    ("lr", ValueError, "Tensor lr must be 1-element"),
+    ("grad_scale", RuntimeError, "grad_scale must be a one-element tensor"),
+    ("found_inf", RuntimeError, "found_inf must be a one-element tensor"),
+])
+def test_a_scalar_tensor_of_two_elements_is_refused_when_every_grad_is_sparse(scalar, error, message):
+    """(No dense grad: no fused call checks it.)"""
+    params = make_params(torch.float32)[:1]
+    buffers = [None]
+    before = params[0].clone()
+    kwargs = dict(lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
+    kwargs[scalar] = torch.ones(2)
+    with pytest.raises(error, match=message):
+        fused_opt.functional.sgd(params, [sparse_grad(0, torch.float32)], buffers, **kwargs)
+    assert torch.equal(params[0], before) and buffers == [None]
