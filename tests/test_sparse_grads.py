@@ -389,3 +389,27 @@ def test_a_scalar_tensor_of_two_elements_is_refused_when_every_grad_is_sparse(sc
     with pytest.raises(error, match=message):
         fused_opt.functional.sgd(params, [sparse_grad(0, torch.float32)], buffers, **kwargs)
     assert torch.equal(params[0], before) and buffers == [None]
+
+
+def test_check_only_writes_nothing_with_sparse_grads():
+    params = make_params(torch.float32)
+    before = [p.clone() for p in params]
+    buffers = [None, None]
+    fused_opt.functional.sgd(params, [sparse_grad(0, torch.float32), dense_grad(0, torch.float32)], buffers, lr=0.1,
+                             weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
+                             check_only=True)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and buffers == [None, None]
+
+
+def test_two_groups_with_sparse_grads_step_once_each_as_torch():
+    """(An optimizer with several groups checks them all, with check_only, before it steps any.)"""
+    ours, theirs = make_params(torch.float32), make_params(torch.float32)
+    opts = [cls([{"params": params[:1]}, {"params": params[1:], "lr": 0.05}], lr=0.1, momentum=0.9)
+            for cls, params in ((fused_opt.SGD, ours), (torch.optim.SGD, theirs))]
+    for step in range(STEPS):
+        for params, opt in zip((ours, theirs), opts):
+            params[0].grad = sparse_grad(step, torch.float32)
+            params[1].grad = dense_grad(step, torch.float32).to_sparse()
+            opt.step()
+        for i in range(2):
+            assert_like_torch(ours[i], opts[0], theirs[i], opts[1], f"step {step} param {i}")
