@@ -88,9 +88,7 @@ def load_extensions() -> dict[str, str | None]:
         try:
             importlib.import_module(module)
             EXTENSIONS[module] = None
-        except ImportError as e:  # not built, or built against another torch
-            EXTENSIONS[module] = f"{type(e).__name__}: {e}"
-        except OSError as e:  # e.g. a CUDA library missing at load time
+        except (ImportError, OSError) as e:  # not built, built against another torch, a library missing
             EXTENSIONS[module] = f"{type(e).__name__}: {e}"
     return dict(EXTENSIONS)
 

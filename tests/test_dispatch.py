@@ -52,6 +52,21 @@ def test_an_extension_that_fails_to_import_is_tried_once(monkeypatch):
     assert tried == ["fused_opt._C_absent"]
 
 
+def test_an_extension_whose_library_is_missing_at_load_time_says_so(monkeypatch):
+    import importlib
+    real_import = importlib.import_module
+
+    def load(name, *args):
+        if name == "fused_opt._C_needs_cuda":
+            raise OSError("libcudart.so.13: cannot open shared object file: No such file or directory")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", load)
+    monkeypatch.setitem(ops.EXTENSIONS, "fused_opt._C_needs_cuda", ops._NOT_TRIED)
+    assert ops.load_extensions()["fused_opt._C_needs_cuda"] == ("OSError: libcudart.so.13: cannot open shared object "
+                                                               "file: No such file or directory")
+
+
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(ops.EXTENSIONS, "fused_opt._C", "ImportError: simulated")
     monkeypatch.setattr(ops, "load_extensions", lambda: dict(ops.EXTENSIONS))
@@ -208,5 +223,21 @@ def test_on_a_gpu_without_the_cuda_extension_auto_goes_on_and_cuda_says_why(monk
                                                r"the compiled extension fused_opt._C_cuda is not available \(ImportError: "
                                                r"simulated\); rebuild it with: pip install --no-build-isolation -v \."):
             dispatch.select("cuda", torch.device("cuda"), torch.float32)
+    finally:
+        dispatch.clear_cache()
+
+
+def test_without_triton_the_triton_backend_says_why(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fused_opt.triton", None)  # what an import finds when Triton is missing
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (else the backend would only say it wants cuda tensors)
+    dispatch.clear_cache()
+    try:
+        assert ops.triton_reason().startswith("Triton is not available (ModuleNotFoundError: import of fused_opt.triton")
+        assert fused_opt.available_backends()["triton"] == ops.triton_reason()
+        with pytest.raises(RuntimeError, match=r"backend 'triton' cannot update torch.float32 params on cpu\. "
+                                               r"triton: Triton is not available \(ModuleNotFoundError"):
+            dispatch.select("triton", torch.device("cpu"), torch.float32)
     finally:
         dispatch.clear_cache()

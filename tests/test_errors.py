@@ -186,6 +186,19 @@ def test_kernel_checks_leave_everything_untouched(bad, op_name, checks, monkeypa
             assert t.is_meta or (torch.equal(t.to_dense(), s.to_dense()) and t.layout == s.layout)
 
 
+@pytest.mark.parametrize("bad", [bad for bad in BAD_INPUTS if not bad.startswith("sparse")])
+def test_what_torch_compile_traces_refuses_as_the_kernels(bad):
+    """Under fake tensors (how torch.compile traces a step) the op's fake implementation refuses
+    each bad call in the kernels' words, so a compiled step fails where an eager one would."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(RuntimeError, match="fused_opt.reference.adam_: ") as words:
+        _call_adam("reference", *_bad_call(bad))
+    with FakeTensorMode(), pytest.raises(RuntimeError) as error:
+        _call_adam("adam_", *_bad_call(bad))
+    assert str(error.value) == "fused_opt::adam_: " + str(words.value).split(": ", 1)[1]
+
+
 @pytest.mark.parametrize("op_name,checks", CHECKED_OPS)
 @pytest.mark.parametrize("family", ["adam", "rmsprop", "sgd"])
 def test_a_call_without_params_does_nothing(family, op_name, checks, monkeypatch):

@@ -84,6 +84,76 @@ def test_pointer_table_is_kept_while_tensors_stay_and_rebuilt_when_they_move():
     assert len(launch._PLANS) == 2 and not torch.equal(params[1], before)
 
 
+def test_the_ops_plans_are_reused_and_the_least_recently_used_dropped(monkeypatch):
+    """Direct op calls (and steps the group tables cannot take) look their plan up by the kept rows'
+    addresses and the sizes: the same tensors reuse one plan, and a full cache drops the plan used
+    longest ago, not the oldest made."""
+    launch = _launch()
+    monkeypatch.setattr(launch, "_MAX_PLANS", 2)
+    launch._PLANS.clear()
+    calls = []
+    for n in (1, 2, 3):
+        params = [torch.randn(5 + k) for k in range(n)]
+        calls.append((params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                      [torch.zeros_like(p) for p in params], [], [], [torch.zeros(()) for _ in params]))
+
+    def adam(i):
+        torch.ops.fused_opt.triton_adam_(*calls[i], lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                                         amsgrad=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
+                                         l1_proximal=False)
+        return list(launch._PLANS.values())
+
+    first = adam(0)
+    assert len(first) == 1 and adam(0)[0] is first[0] and len(launch._PLANS) == 1  # the same tensors: the same plan
+    assert adam(1)[0] is first[0]
+    kept = adam(0)  # now the most recently used of the two
+    assert kept[-1] is first[0]
+    third = adam(2)
+    assert len(third) == 2 and third[0] is first[0] and all(plan is not kept[0] for plan in third)
+    assert [s.item() for s in calls[0][-1]] == [3.0]  # and each call stepped
+
+
+class Launches:
+    """Stands for the step kernel: runs it, keeping each launch's keyword arguments."""
+
+    def __init__(self, kernels):
+        self.kernel, self.calls = kernels.step_kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def test_the_block_map_gives_each_program_one_tensors_slice():
+    """Tensors of 4096, 4097, 1 and 0 elements under the interpreter's 4096-element blocks: one,
+    two, one and no programs, each told its tensor and where its slice starts."""
+    launch = _launch()
+    table = torch.arange(6 * 4, dtype=torch.int64).reshape(6, 4) * 4096  # (addresses, never dereferenced)
+    plan = launch.plan(table, torch.tensor([4096, 4097, 1, 0]), torch.device("cpu"))
+    assert plan.block == 4096 and plan.blocks == 4
+    assert plan.block_tensor.tolist() == [0, 1, 1, 2] and plan.block_start.tolist() == [0, 0, 4096, 0]
+
+
+@pytest.mark.parametrize("param_at,grad_at,aligned", [(0, 0, True), (1, 0, False), (0, 3, False), (4, 8, True)])
+def test_wide_loads_only_where_every_tensor_starts_on_16_bytes(param_at, grad_at, aligned, monkeypatch):
+    """The kernel's ALIGNED variant (16-byte loads, which a GPU faults on at other addresses) is
+    launched only when the param, grad and states all start on 16 bytes; the grads' addresses
+    are checked at every call, the rest once per plan. Tensors here: slices of float32 buffers
+    starting `param_at` / `grad_at` elements in."""
+    launch = _launch()
+    launched = Launches(launch.kernels)
+    monkeypatch.setattr(launch.kernels, "step_kernel", launched)
+    param, grad = torch.randn(64)[param_at:param_at + 9], torch.randn(64)[grad_at:grad_at + 9]
+    expected = param.clone()
+    for p, g in ((param, grad), (expected, grad.clone())):
+        op = torch.ops.fused_opt.triton_sgd_ if p is param else torch.ops.fused_opt.sgd_
+        op([p], [g], [torch.zeros(9)], [], lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
+           maximize=False, first_step=False, l1=0.0, l1_proximal=False)
+    assert [kwargs["ALIGNED"] for kwargs in launched.calls] == [aligned] and torch.equal(param, expected)
+
+
 def test_found_inf_on_the_params_device_masks_the_launch_and_keeps_the_steps():
     params, opt = _adam(amsgrad=True)
     _step(params, opt)
@@ -112,12 +182,22 @@ def test_found_inf_on_the_params_device_is_not_read_on_the_host():
         assert [opt.state[p]["step"].item() for p in params] == [counted] * len(params)
 
 
+class FailsToCompile:
+    """Stands for a kernel that fails at its first launch (say, out of shared memory on a smaller GPU)."""
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            from triton.runtime.errors import OutOfResources
+            raise OutOfResources(300000, 232448, "shared memory")
+        return run
+
+
 @pytest.mark.parametrize("found_inf", [None, 0.0], ids=["no-scaler", "found-inf-clear"])
 @pytest.mark.parametrize("path", ["op", "table"])
 @pytest.mark.parametrize("capturable", [False, True], ids=["host-steps", "device-steps"])
 def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable, found_inf, monkeypatch):
-    # A kernel that fails to compile (say, out of shared memory on a smaller GPU) raises at its
-    # first launch, after the step counters were advanced: they are put back.
+    # A kernel that fails to compile raises at its first launch, after the step counters were
+    # advanced: they are put back.
     from triton.runtime.errors import OutOfResources
 
     launch = _launch()
@@ -129,13 +209,6 @@ def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable,
         opt._tables = fused_opt.tables.Tables()  # forgets the group's table: the next step takes the op
     before = [p.detach().clone() for p in params]
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-
-    class FailsToCompile:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                raise OutOfResources(300000, 232448, "shared memory")
-            return run
-
     monkeypatch.setattr(launch.kernels, "step_kernel", FailsToCompile())
     with pytest.raises(OutOfResources):
         _step(params, opt)
@@ -143,6 +216,78 @@ def test_a_launch_that_fails_leaves_params_and_state_untouched(path, capturable,
         assert torch.equal(p, b)
         assert all(torch.equal(opt.state[p][k], v) for k, v in s.items())
         assert opt.state[p]["step"].item() == 1
+
+
+def test_found_inf_is_not_read_on_the_host_with_counters_of_two_dtypes(monkeypatch):
+    """Counters that counters_kernel cannot take (two dtypes) still count a step, or not, on the
+    device from GradScaler's found_inf (shape (1,)), without a host read (seen here as a call of
+    .item() on it), in the op (the first step) and from the group's table (the next ones)."""
+    params, opt = _adam()
+    _step(params, opt)
+    opt.state[params[0]]["step"] = opt.state[params[0]]["step"].double()
+    real_item, reads = torch.Tensor.item, []
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t.untyped_storage().data_ptr()) or real_item(t))
+    for flag, counted in ((0.0, 2), (1.0, 2), (0.0, 3)):
+        opt.found_inf = torch.full((1,), flag)
+        before = [p.detach().clone() for p in params]
+        _step(params, opt)
+        assert opt.found_inf.untyped_storage().data_ptr() not in reads
+        assert [real_item(opt.state[p]["step"]) for p in params] == [counted] * len(params)
+        assert all(torch.equal(p, b) == bool(flag) for p, b in zip(params, before))
+    assert opt._tables.fast_steps == 2
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0], ids=["no-scaler", "found-inf-clear"])
+def test_a_failed_launch_puts_back_counters_of_two_dtypes(found_inf, monkeypatch):
+    """Counters of two dtypes cannot go to counters_kernel: torch's foreach ops advance them, and
+    take the advance back when the launch fails."""
+    from triton.runtime.errors import OutOfResources
+
+    launch = _launch()
+    params = [torch.randn(5), torch.randn(6)]
+    steps = [torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64)]
+    assert launch.device_counters(steps, torch.device("cpu")) is None
+    monkeypatch.setattr(launch.kernels, "step_kernel", FailsToCompile())
+    before = [p.clone() for p in params]
+    with pytest.raises(OutOfResources):
+        torch.ops.fused_opt.triton_adam_(params, [torch.ones_like(p) for p in params],
+                                         [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                                         [], [], steps, lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                                         amsgrad=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
+                                         l1_proximal=False,
+                                         found_inf=None if found_inf is None else torch.full((1,), found_inf))
+    assert [s.item() for s in steps] == [3.0, 3.0] and [s.dtype for s in steps] == [torch.float32, torch.float64]
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_empty_tensors_only_launch_nothing_and_count_the_step(monkeypatch):
+    # (a grid of no programs is an error on a GPU)
+    launch = _launch()
+    launched = Launches(launch.kernels)
+    monkeypatch.setattr(launch.kernels, "step_kernel", launched)
+    params, opt = _adam()
+    params[:] = [torch.zeros(0, requires_grad=True), torch.zeros(0, 3, requires_grad=True)]
+    opt.param_groups[0]["params"] = list(params)
+    for _ in range(2):
+        _step(params, opt)
+    assert launched.calls == [] and [opt.state[p]["step"].item() for p in params] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0], ids=["no-scaler", "found-inf-clear"])
+def test_an_sgd_launch_that_fails_raises_its_error_with_nothing_written(found_inf, monkeypatch):
+    """SGD has no step counters to put back: the launch's own error comes through."""
+    from triton.runtime.errors import OutOfResources
+
+    launch = _launch()
+    monkeypatch.setattr(launch.kernels, "step_kernel", FailsToCompile())
+    params, buffers = [torch.randn(5), torch.randn(6)], [torch.randn(5), torch.randn(6)]
+    before = [t.clone() for t in params + buffers]
+    with pytest.raises(OutOfResources):
+        torch.ops.fused_opt.triton_sgd_(params, [torch.ones_like(p) for p in params], buffers, [], lr=0.1,
+                                        weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
+                                        first_step=False, l1=0.0, l1_proximal=False,
+                                        found_inf=None if found_inf is None else torch.full((1,), found_inf))
+    assert all(torch.equal(t, b) for t, b in zip(params + buffers, before))
 
 
 class CounterTouches(TorchDispatchMode):
@@ -261,6 +406,27 @@ def test_a_cuda_graph_capture_is_refused_before_anything_is_written(monkeypatch)
         launch.refuse_capture(torch.device("cuda"))
     launch.refuse_capture(torch.device("cpu"))  # CPU tensors are never captured: not even asked
     assert calls == [1]
+
+
+@pytest.mark.parametrize("path", ["op", "table"])
+def test_each_step_path_asks_about_a_capture_before_writing(path, monkeypatch):
+    launch = _launch()
+    params, opt = _adam()
+    _step(params, opt)
+    if path == "op":
+        opt._tables = fused_opt.tables.Tables()  # forgets the group's table: the next step takes the op
+    before = [p.detach().clone() for p in params]
+
+    def capturing(device):
+        raise RuntimeError("a capture is on (simulated)")
+
+    monkeypatch.setattr(launch, "refuse_capture", capturing)
+    launch._PLANS.clear()
+    with pytest.raises(RuntimeError, match="simulated"):
+        _step(params, opt)
+    assert not launch._PLANS  # nor was a plan copied to the device (a copy a capture cannot hold)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert [opt.state[p]["step"].item() for p in params] == [1.0] * len(params)
 
 
 def test_auto_never_picks_the_interpreter_for_cpu_params():
