@@ -173,8 +173,11 @@ def test_torchs_default_device_set_elsewhere_changes_nothing(case, where):
         assert opt.skipped_steps == expected_opt.skipped_steps == 1
 
 
-# (device, backend): on the GPU the scaler hands grad_scale and found_inf to the CUDA and Triton kernels.
+# (device, backend): the scaler hands grad_scale and found_inf to the kernels of each backend (on the CPU:
+# the C++ kernels, the CUDA kernels' simulation and the Triton interpreter).
 SCALER_BACKENDS = [pytest.param(("cpu", "auto"), id="cpu"),
+                   pytest.param(("cpu", "cuda_sim"), id="cuda-simulated"),
+                   pytest.param(("cpu", "triton"), marks=INTERPRETER, id="triton-interpreted"),
                    pytest.param(("cuda", "cuda"), marks=ON_GPU, id="cuda-gpu"),
                    pytest.param(("cuda", "triton"), marks=ON_GPU, id="triton-gpu")]
 
