@@ -94,3 +94,22 @@ def test_tensor_scalars_and_amp_without_float64(algo, cpu_without_float64):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{algo} step {step} param{i}: {m}")
         counters = [ours.state[p]["step"] for p in ours_p if "step" in ours.state[p]]
         assert all(c.item() == (step if step < 3 else step - 1) for c in counters), f"{algo} step {step}"
+
+
+def test_intel_gpus_say_per_device_whether_they_have_float64(monkeypatch):
+    """An XPU device is asked once (its properties' has_fp64, True when the field is absent, as on
+    older torch); the answer is kept per device. No XPU runs here: the properties are stood in for."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    def properties(device):
+        asked.append(str(device))
+        return {"xpu:0": SimpleNamespace(has_fp64=False), "xpu:1": SimpleNamespace(has_fp64=True)}.get(
+            str(device), SimpleNamespace())
+
+    monkeypatch.setattr(torch.xpu, "get_device_properties", properties)
+    monkeypatch.setattr(reference, "_XPU_FLOAT64", {})
+    answers = [reference._has_float64(torch.device(d)) for d in ("xpu:0", "xpu:1", "xpu:2", "xpu:0", "cpu", "mps")]
+    assert answers == [False, True, True, False, True, False]
+    assert asked == ["xpu:0", "xpu:1", "xpu:2"]

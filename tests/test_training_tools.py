@@ -39,6 +39,12 @@ def test_exponential_decay_reaches_the_floor_at_the_end_and_stays():
     assert gamma_lrs[:4] == pytest.approx([1, 0.5, 0.25, 0.125])
 
 
+def test_the_shortest_schedule_has_no_warmup_unless_told():
+    one = ScheduleFactor("linear", total_steps=1, floor=0.25)
+    assert [one(t) for t in range(3)] == [1.0, 0.25, 0.25]
+    assert ScheduleFactor("constant", total_steps=1, warmup_steps=1)(0) == 0.5
+
+
 def test_schedule_state_round_trips_and_bad_input_is_refused():
     opt = fused_opt.AdamW([torch.zeros(1, requires_grad=True)], lr=torch.tensor(0.1))
     sched = build_scheduler(opt, 20, "linear", warmup_steps=2)
@@ -50,10 +56,13 @@ def test_schedule_state_round_trips_and_bad_input_is_refused():
     twin.load_state_dict(sched.state_dict())
     twin_opt.load_state_dict(opt.state_dict())
     assert float(twin_opt.param_groups[0]["lr"]) == float(opt.param_groups[0]["lr"])
-    for bad in (dict(kind="cosine", total_steps=5), dict(kind="linear", total_steps=0),
-                dict(kind="linear", total_steps=5, warmup_steps=6), dict(kind="exponential", total_steps=5),
-                dict(kind="linear", total_steps=5, floor=2.0)):
-        with pytest.raises(ValueError):
+    for bad, words in ((dict(kind="cosine", total_steps=5), "Invalid schedule: 'cosine'"),
+                       (dict(kind="linear", total_steps=0), "Invalid schedule length"),
+                       (dict(kind="linear", total_steps=5, warmup_steps=6), "Invalid schedule length"),
+                       (dict(kind="exponential", total_steps=5), "needs gamma or a floor"),
+                       (dict(kind="exponential", total_steps=5, gamma=1.5), "Invalid gamma: 1.5"),
+                       (dict(kind="linear", total_steps=5, floor=2.0), "Invalid floor: 2.0")):
+        with pytest.raises(ValueError, match=words):
             ScheduleFactor(**bad)
 
 
@@ -216,6 +225,49 @@ def test_random_batch_sizes_stay_in_bounds_and_are_reproducible():
     assert all(3 <= len(x) <= 9 for x in batches[:-1])
     sgd = RandomBatchSizes(4, 12, lr_power=1.0)
     assert sgd.lr_factor(4) == 0.5 and sgd.lr_factor(12) == 1.5 and RandomBatchSizes(4, 12).lr_factor(16) == 2 ** 0.5
+    assert RandomBatchSizes.parse("random:4:12").lr_factor(16) == 2 ** 0.5  # square root unless told
+    ones = RandomBatchSizes.parse("random:1:1")  # the smallest range there is
+    assert [ones.draw() for _ in range(3)] == [1, 1, 1] and len(ones.split(torch.arange(4))) == 4
     for bad in ("random:0:4", "random:5:4", "rand:1:2", "random:1"):
         with pytest.raises(ValueError):
             RandomBatchSizes.parse(bad)
+
+
+def test_min_delta_in_loss_mode_and_the_default_patience():
+    stop = EarlyStopping("val_loss", min_delta=0.1)  # patience 3 unless told
+    assert not stop.update(1, {"val_loss": 1.0})
+    assert not stop.update(2, {"val_loss": 0.95})  # lower, but not by more than min_delta
+    assert not stop.update(3, {"val_loss": 0.85})  # better by 0.15: the new best
+    assert [stop.update(e, {"val_loss": 0.8}) for e in (4, 5, 6, 7)] == [False, False, False, True]
+    assert stop.best_epoch == 3 and stop.best_value == 0.85 and stop.stopped_epoch == 7
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_diverged_metric_stops_at_once_unless_told_otherwise(value):
+    model = _model(1.0)
+    stop = EarlyStopping("val_loss", patience=5)
+    assert not stop.update(1, {"val_loss": 0.5}, model)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert stop.update(2, {"val_loss": value}, model)
+    assert stop.stopped_epoch == 2 and stop.reason == f"val_loss is {value}" and stop.bad_epochs == 1
+    assert stop.restore(model) and model.weight.item() == 1.0
+    patient = EarlyStopping("val_accuracy", patience=1, stop_nonfinite=False)  # NaN never improves
+    assert [patient.update(e, {"val_accuracy": math.nan}) for e in (1, 2)] == [False, True]
+    assert "patience 1" in patient.reason
+
+
+@pytest.mark.parametrize("bad", [dict(patience=-1), dict(min_delta=-0.01)])
+def test_early_stopping_refuses_a_negative_patience_or_min_delta(bad):
+    with pytest.raises(ValueError, match="Invalid (patience|min_delta): -"):
+        EarlyStopping(**bad)
+
+
+def test_restore_does_nothing_when_no_weights_were_kept():
+    model = _model(2.0)
+    stop = EarlyStopping("val_loss", restore_best=False)
+    assert not stop.update(1, {"val_loss": 0.5}, model)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert not stop.restore(model) and model.weight.item() == 3.0
+    assert not EarlyStopping().restore(model)  # no epoch recorded yet
